@@ -1,0 +1,100 @@
+"""Paged attention: the step's attention metadata and the pure-PyTorch reference backend.
+
+The runner builds one `AttentionMetadata` per step from the scheduler's `Batch`: a ragged batch of query tokens
+(`query_start_loc`), each sequence's total length after this step (`seq_lens`), its block table, and the cache
+slot of every new token (`slot_mapping`). Every attention layer of the model receives it as an argument and
+calls the backend: `forward(q, k, v, kv_cache, meta)` first writes the new K/V into the paged cache through the
+slot mapping, then attends each query token to its sequence's cached keys, causally within the new chunk.
+This is the interface FlashInfer's paged kernels implement on the GPU; the reference backend here is what the
+GPU backend is tested against.
+
+KV cache layout, per layer: [num_blocks, 2 (K, V), block_size, num_kv_heads, head_dim] (FlashInfer's "NHD").
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    query_start_loc: list[int]  # [num_seqs + 1] cumulative query lengths
+    seq_lens: list[int]  # [num_seqs] tokens in the cache after this step (context + new)
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with 0
+    slot_mapping: torch.Tensor  # [num_tokens] int64: block * block_size + offset of each new token
+    block_size: int
+    # Derived once per step (not per layer) by the reference backend for its batched decode path.
+    decode_rows: torch.Tensor | None = None
+    decode_mask: torch.Tensor | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+    """Store the new tokens' K and V at their slots with one indexed copy."""
+    blocks, offsets = meta.slot_mapping // meta.block_size, meta.slot_mapping % meta.block_size
+    kv_cache[blocks, :, offsets] = torch.stack((k, v), dim=1).to(kv_cache.dtype)
+
+
+class ReferenceAttention:
+    """Pure-PyTorch paged attention. Decodes (one query token each) are batched into one padded call; prompt
+    chunks run one sequence at a time with a causal mask offset by the tokens already in the cache."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Per-step work shared by all layers: which rows are decodes and their length mask."""
+        qlens = [meta.query_start_loc[i + 1] - meta.query_start_loc[i] for i in range(meta.num_seqs)]
+        decode = [i for i, q in enumerate(qlens) if q == 1]
+        if len(decode) > 1:
+            device = meta.block_tables.device
+            rows = torch.tensor(decode, device=device)
+            lens = torch.tensor([meta.seq_lens[i] for i in decode], device=device)
+            width = meta.block_tables.shape[1] * meta.block_size
+            meta.decode_rows = rows
+            meta.decode_mask = torch.arange(width, device=device)[None, :] < lens[:, None]  # [B, width]
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """q: [T, H, D]; k, v: [T, Hkv, D]; returns [T, H, D]."""
+        write_kv(kv_cache, k, v, meta)
+        out = torch.empty_like(q)
+        batched = set(meta.decode_rows.tolist()) if meta.decode_rows is not None else set()
+        if batched:
+            self._decode_batch(q, kv_cache, meta, out)
+        for i in range(meta.num_seqs):
+            if i not in batched:
+                start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+                out[start:end] = self._one_sequence(q[start:end], kv_cache, meta, i)
+        return out
+
+    def _gather(self, kv_cache: torch.Tensor, block_table: torch.Tensor):
+        """K and V of whole blocks, as [..., tokens, Hkv, D]."""
+        kv = kv_cache[block_table]  # [..., blocks, 2, block_size, Hkv, D]
+        kv = kv.transpose(-5, -4).flatten(-4, -3)  # [..., 2, blocks * block_size, Hkv, D]
+        return kv.select(-4, 0), kv.select(-4, 1)
+
+    def _one_sequence(self, q, kv_cache, meta, i):
+        seq_len, num_new = meta.seq_lens[i], q.shape[0]
+        num_blocks = -(-seq_len // meta.block_size)
+        k, v = self._gather(kv_cache, meta.block_tables[i, :num_blocks])
+        k, v = k[:seq_len], v[:seq_len]
+        # Query j sits at position seq_len - num_new + j and sees keys up to and including that position.
+        q_pos = torch.arange(seq_len - num_new, seq_len, device=q.device)[:, None]
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos
+        return self._sdpa(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), mask).transpose(0, 1)
+
+    def _decode_batch(self, q, kv_cache, meta, out):
+        rows = meta.decode_rows
+        token_index = torch.tensor(meta.query_start_loc[:-1], device=q.device)[rows]
+        k, v = self._gather(kv_cache, meta.block_tables[rows])  # [B, width, Hkv, D]
+        qb = q[token_index].unsqueeze(2)  # [B, H, 1, D]
+        mask = meta.decode_mask[:, None, None, :]  # [B, 1, 1, width]
+        out[token_index] = self._sdpa(qb, k.transpose(1, 2), v.transpose(1, 2), mask).squeeze(2)
+
+    def _sdpa(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scale,
+                                              enable_gqa=self.num_heads != self.num_kv_heads)

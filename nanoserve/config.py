@@ -1,0 +1,76 @@
+"""Engine configuration: the knobs a user sets, with vLLM's names, checked once at construction.
+
+`LLM(...)`, the CLI and the server all build one `EngineConfig`; every other module only reads it.
+Settings that depend on the model (the context length) are resolved by `resolve_for_model` once the
+model's `config.json` has been read.
+"""
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # local dir, hub id, or None for the embedded default
+    tokenizer: str | None = None  # defaults to the model directory
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = 256  # sequences decoded together in one step
+    max_num_batched_tokens: int = 2048  # tokens (prefill chunks + decodes) computed in one step
+    block_size: int = 16  # tokens per KV-cache block
+    enable_prefix_caching: bool = True
+    dtype: str = "auto"  # "auto": bfloat16 on GPU, float32 on CPU
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    seed: int = 0
+    enforce_eager: bool = False  # GPU only: no torch.compile, no CUDA graphs
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None  # CPU default: 2 GiB; overrides gpu_memory_utilization
+    num_gpu_blocks_override: int | None = None  # fix the KV pool size (tests use it to force preemption)
+    speculative_config: dict | None = None
+    served_model_name: str | None = None
+
+    def __post_init__(self):
+        positive = ["max_num_seqs", "max_num_batched_tokens", "block_size"]
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ["max_model_len", "num_gpu_blocks_override", "kv_cache_memory_bytes"]:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.speculative_config is not None:
+            raise ValueError("speculative_config is not supported yet")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return DTYPES[self.dtype]
+
+    def resolve_for_model(self, hf_config) -> None:
+        """Fill in what depends on the model and check the user's value against it."""
+        limit = hf_config.max_position_embeddings
+        if self.max_model_len is None:
+            self.max_model_len = limit
+        elif self.max_model_len > limit:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings={limit}")
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+
+DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16,
+          "bfloat16": torch.bfloat16, "half": torch.float16, "float": torch.float32}

@@ -1,0 +1,258 @@
+"""The engine: requests in, text out, one `step()` at a time.
+
+`add_request` tokenizes a prompt, validates it, and hands one `Sequence` per parallel sample to the scheduler.
+`step()` asks the scheduler for a batch, has the runner compute it, gives the sampled tokens back to the
+scheduler, then turns tokens into text: incremental detokenization (never emitting half a UTF-8 character),
+stop strings, log-probabilities. It returns a `RequestOutput` for every request that advanced. The offline
+`LLM` and the server both drive this loop; neither knows about blocks or tensors.
+
+Not thread-safe: a server calls `add_request`/`abort_request` between steps (see `async_engine.py`).
+"""
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass, field, replace
+
+from transformers import AutoTokenizer
+
+from .config import EngineConfig
+from .default_model import resolve_model
+from .runner import ModelRunner
+from .sampling import ParamError, SamplingParams
+from .scheduler import Scheduler, Sequence
+
+# Prompt tokens kept as context so the first generated token decodes with its leading space.
+DETOKENIZE_CONTEXT = 6
+
+
+@dataclass
+class Logprob:
+    logprob: float
+    rank: int | None
+    decoded_token: str | None
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+
+
+class Detokenizer:
+    """Incremental detokenization: decode a window of recent tokens and emit only the text that became final.
+    A window that ends in U+FFFD holds part of a multi-byte character, so nothing is emitted until the next
+    token completes it."""
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool):
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        self.ids = list(prompt_token_ids[-DETOKENIZE_CONTEXT:])
+        self.prefix_offset, self.read_offset = 0, len(self.ids)
+        self.text = ""
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
+            return ""
+        delta = full[len(prefix):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        self.text += delta
+        return delta
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detokenizers: list[Detokenizer]
+    logprobs: list[list[dict[int, Logprob]]]
+    cumulative_logprobs: list[float]
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        model_dir = resolve_model(config.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
+        self.generation_config = _read_generation_config(model_dir)
+        self.eos_token_ids = _eos_token_ids(self.generation_config, self.tokenizer)
+        self.runner = ModelRunner(config, model_dir, self.eos_token_ids)
+        self.vocab_size = self.runner.hf_config.vocab_size
+        self.scheduler = Scheduler(config, self.runner.num_blocks, self.eos_token_ids)
+        self.requests: dict[str, _Request] = {}
+        self.seq_owner: dict[int, tuple[_Request, int]] = {}
+        self._seq_ids = itertools.count()
+        self.num_prompt_tokens = self.num_generation_tokens = 0
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_model_len
+
+    def tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        """A prompt is text, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": ...}."""
+        if isinstance(prompt, dict):
+            prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer(prompt).input_ids
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ParamError("A prompt must be a string or a list of token ids", "prompt")
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> None:
+        if request_id in self.requests:
+            raise ParamError(f"Request id {request_id!r} is already in use", "request_id")
+        text, ids = self.tokenize(prompt)
+        self.validate_prompt(ids)
+        params = (params or SamplingParams()).resolve(self.generation_config)
+        req = _Request(request_id, text, ids, params, [], [], [[] for _ in range(params.n)], [0.0] * params.n)
+        for i in range(params.n):
+            # Seeded parallel samples must differ from each other, so each one gets its own seed.
+            child = params if params.seed is None else replace(params, seed=params.seed + i)
+            seq = Sequence(next(self._seq_ids), list(ids), len(ids), child)
+            if i > 0 and self.config.enable_prefix_caching:
+                seq.waits_for = req.seqs[0]
+            req.seqs.append(seq)
+            req.detokenizers.append(Detokenizer(self.tokenizer, ids, params.skip_special_tokens))
+            self.seq_owner[seq.seq_id] = (req, i)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        self.num_prompt_tokens += len(ids)
+
+    def validate_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise ParamError("The prompt cannot be empty", "prompt")
+        if len(ids) >= self.max_model_len:
+            raise ParamError(f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                             f"request has {len(ids)} input tokens. Please reduce the length of the input.", "prompt")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ParamError(f"Token id {bad[0]} is out of vocabulary (size {self.vocab_size})", "prompt")
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request at once; its KV blocks go back to the pool before this returns."""
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            for seq in req.seqs:
+                self.scheduler.finish(seq, "abort")
+                self.seq_owner.pop(seq.seq_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.scheduled:
+            return []
+        result = self.runner.execute(batch)
+        samples = iter(zip(result.token_ids, result.logprobs))
+        sampled = [next(samples) if item.samples else (None, None) for item in batch.scheduled]
+        self.scheduler.update(batch, [token for token, _ in sampled])
+        touched = {}
+        for item, (token, logprob) in zip(batch.scheduled, sampled):
+            if token is not None and item.seq.seq_id in self.seq_owner:
+                req, index = self.seq_owner[item.seq.seq_id]
+                self._process_token(req, index, token, logprob)
+                touched[req.request_id] = req
+        outputs = [self._output(req) for req in touched.values()]
+        for req in touched.values():
+            if req.finished:
+                self._forget(req)
+        return outputs
+
+    def _process_token(self, req: _Request, index: int, token: int, logprob) -> None:
+        seq, detok, p = req.seqs[index], req.detokenizers[index], req.params
+        self.num_generation_tokens += 1
+        if logprob is not None:
+            chosen, rank, top = logprob
+            entry = {token: Logprob(chosen, rank, self.tokenizer.decode([token]))}
+            for r, (tid, lp) in enumerate(top, start=1):
+                entry.setdefault(tid, Logprob(lp, r, self.tokenizer.decode([tid])))
+            req.logprobs[index].append(entry)
+            req.cumulative_logprobs[index] += chosen
+        stopped_by_token = seq.finish_reason == "stop" and not p.include_stop_str_in_output
+        delta = "" if stopped_by_token else detok.add(token)
+        if seq.finish_reason is not None:
+            detok.flush()
+        elif p.stop and seq.num_output_tokens >= p.min_tokens:
+            self._check_stop_strings(seq, detok, p, len(delta))
+
+    def _check_stop_strings(self, seq: Sequence, detok: Detokenizer, p: SamplingParams, delta_len: int) -> None:
+        for stop in p.stop:
+            # Only the new text and the stop string's length before it can contain a new match.
+            at = detok.text.find(stop, max(0, len(detok.text) - delta_len - len(stop) + 1))
+            if at != -1:
+                detok.text = detok.text[:at + (len(stop) if p.include_stop_str_in_output else 0)]
+                self.scheduler.finish(seq, "stop", stop)
+                return
+
+    def _output(self, req: _Request) -> RequestOutput:
+        # While a sequence runs, hold back the characters that could still become the start of a stop string.
+        hold = max((len(s) for s in req.params.stop), default=1) - 1
+        outputs = []
+        for i, (seq, detok) in enumerate(zip(req.seqs, req.detokenizers)):
+            text = detok.text if seq.finish_reason or not hold else detok.text[:max(0, len(detok.text) - hold)]
+            want_logprobs = req.params.logprobs is not None
+            outputs.append(CompletionOutput(
+                i, text, seq.output_token_ids, req.cumulative_logprobs[i] if want_logprobs else None,
+                req.logprobs[i] if want_logprobs else None, seq.finish_reason, seq.stop_reason))
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, req.finished,
+                             req.seqs[0].num_cached_tokens)
+
+    def _forget(self, req: _Request) -> None:
+        self.requests.pop(req.request_id, None)
+        for seq in req.seqs:
+            self.seq_owner.pop(seq.seq_id, None)
+
+    def stats(self) -> dict:
+        s = self.scheduler
+        return {"num_requests_running": len(s.running), "num_requests_waiting": len(s.waiting),
+                "kv_cache_usage_perc": s.block_manager.usage, "num_preemptions": s.num_preemptions,
+                "prefix_cache_queries": s.prefix_cache_queries, "prefix_cache_hits": s.prefix_cache_hits,
+                "prompt_tokens": self.num_prompt_tokens, "generation_tokens": self.num_generation_tokens}
+
+
+def _read_generation_config(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _eos_token_ids(generation_config: dict, tokenizer) -> set[int]:
+    eos = generation_config.get("eos_token_id", tokenizer.eos_token_id)
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])

@@ -1,0 +1,67 @@
+"""The offline API: `LLM(model).generate(prompts, SamplingParams(...))` and `llm.chat(messages)`.
+
+It adds every prompt to an `LLMEngine` and steps it until all are done, showing a progress bar with the output
+token rate; continuous batching inside the engine does the rest. Outputs come back in input order.
+"""
+from tqdm.auto import tqdm
+
+from .config import EngineConfig
+from .engine import LLMEngine, RequestOutput
+from .sampling import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **engine_args):
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
+        self._next_id = 0
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """`prompts`: a string, a list of token ids, a dict, or a list of these."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"Got {len(prompts)} prompts but {len(params)} sampling params")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(str(self._next_id))
+                self._next_id += 1
+                self.engine.add_request(ids[-1], prompt, p)
+            return self._run(ids, use_tqdm)
+        finally:  # an exception (bad prompt, Ctrl-C) must not leave requests holding KV blocks
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm)
+        generated = 0
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+                    generated += sum(len(o.token_ids) for o in out.outputs)
+                    bar.update(1)
+            rate = generated / bar.format_dict["elapsed"] if bar.format_dict["elapsed"] else 0.0
+            bar.set_postfix_str(f"output {rate:.1f} tok/s", refresh=False)
+        bar.close()
+        return [done[i] for i in ids]
+
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """`messages`: one conversation (a list of {"role", "content"} dicts) or a list of conversations."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [{"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt, chat_template_kwargs)}
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def apply_chat_template(self, conversation, add_generation_prompt=True, chat_template_kwargs=None) -> list[int]:
+        text = self.engine.tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {}))
+        # The template already wrote the special tokens; adding a BOS again would change the prompt.
+        return self.engine.tokenizer(text, add_special_tokens=False).input_ids

@@ -1,0 +1,17 @@
+"""Model registry: the `architectures` entry of a Hugging Face config.json picks the module that runs it."""
+from .llama import LlamaForCausalLM
+
+MODEL_REGISTRY = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+}
+
+
+def model_class(hf_config):
+    for arch in getattr(hf_config, "architectures", None) or []:
+        if arch in MODEL_REGISTRY:
+            return MODEL_REGISTRY[arch]
+    raise ValueError(f"Unsupported model architecture {hf_config.architectures}; "
+                     f"nanoserve supports {sorted(MODEL_REGISTRY)}")

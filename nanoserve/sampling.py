@@ -1,0 +1,173 @@
+"""Sampling: the per-request `SamplingParams` and the batched sampler that turns logits into tokens.
+
+Params come from the user (offline API or the server's JSON body); fields left as None are filled from the
+model's generation_config.json and then OpenAI's defaults (`resolve`). The runner calls `sample()` once per
+step with one logits row per sequence that produces a token; it returns the chosen ids and, when asked,
+their log-probabilities.
+"""
+from dataclasses import dataclass, field, replace
+
+import torch
+
+GREEDY_EPS = 1e-5  # temperatures below this mean greedy, as in vLLM
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float | None = None  # None: generation_config, else 1.0
+    top_p: float | None = None
+    top_k: int | None = None  # 0 or -1 disable
+    min_p: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    max_tokens: int | None = 16  # None: up to the context length
+    min_tokens: int = 0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top log-probabilities returned beside the sampled token
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        _check(self.n >= 1, "n must be at least 1", "n")
+        _check(self.temperature is None or self.temperature >= 0, "temperature must be non-negative", "temperature")
+        _check(self.top_p is None or 0 < self.top_p <= 1, "top_p must be in (0, 1]", "top_p")
+        _check(self.top_k is None or self.top_k >= -1, "top_k must be -1 (disable), 0 (disable) or at least 1", "top_k")
+        _check(self.min_p is None or 0 <= self.min_p <= 1, "min_p must be in [0, 1]", "min_p")
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check(-2 <= getattr(self, name) <= 2, f"{name} must be in [-2, 2]", name)
+        _check(self.repetition_penalty is None or self.repetition_penalty > 0,
+               "repetition_penalty must be greater than zero", "repetition_penalty")
+        _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1", "max_tokens")
+        _check(self.min_tokens >= 0, "min_tokens must be non-negative", "min_tokens")
+        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
+               "min_tokens must be less than or equal to max_tokens", "min_tokens")
+        _check(all(self.stop), "stop cannot contain an empty string", "stop")
+        _check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]", "logprobs")
+
+    def resolve(self, generation_config: dict) -> "SamplingParams":
+        """Fill unset fields from the model's generation_config, then from OpenAI's defaults."""
+        defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+        filled = {}
+        for name, fallback in defaults.items():
+            value = getattr(self, name)
+            if value is None:
+                value = generation_config.get(name)
+                if name == "temperature" and generation_config.get("do_sample") is False:
+                    value = None  # a model that samples greedily says so with do_sample, not temperature
+                value = fallback if value is None else value
+            filled[name] = value
+        return replace(self, **filled)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_EPS
+
+
+class ParamError(ValueError):
+    """A bad sampling parameter; `param` names the field so the server can report it."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def _check(ok: bool, message: str, param: str):
+    if not ok:
+        raise ParamError(message, param)
+
+
+@dataclass
+class SampleRequest:
+    """What the sampler needs to know about one row of logits."""
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None = None
+    banned_token_ids: list[int] = field(default_factory=list)  # stop tokens masked while below min_tokens
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    # per row: (logprob of the sampled token, its rank, [(token_id, logprob) of the top-k]) or None
+    logprobs: list[tuple[float, int, list[tuple[int, float]]] | None]
+
+
+def sample(logits: torch.Tensor, rows: list[SampleRequest], generator: torch.Generator | None = None) -> SampleResult:
+    """Choose one token per row. `generator` draws noise for rows without their own seed."""
+    logits = logits.float()
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in rows) else None
+    logits = _apply_penalties(logits, rows)
+    for i, row in enumerate(rows):
+        if row.banned_token_ids:
+            logits[i, row.banned_token_ids] = float("-inf")
+    chosen = logits.argmax(dim=-1)
+    random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if random_rows:
+        chosen[random_rows] = _sample_random(logits[random_rows], [rows[i] for i in random_rows], generator)
+    token_ids = chosen.tolist()
+    logprobs = [None] * len(rows)
+    if raw_logprobs is not None:
+        logprobs = [_logprob_entry(raw_logprobs[i], token_ids[i], r.params.logprobs)
+                    if r.params.logprobs is not None else None for i, r in enumerate(rows)]
+    return SampleResult(token_ids, logprobs)
+
+
+def _apply_penalties(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
+    """Repetition penalty (HF/vLLM style, over prompt and output), presence and frequency (output only)."""
+    for i, row in enumerate(rows):
+        p = row.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)),
+                                dtype=torch.long, device=logits.device)
+            values = logits[i, seen]
+            logits[i, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and row.output_token_ids:
+            out = torch.tensor(row.output_token_ids, dtype=torch.long, device=logits.device)
+            counts = torch.zeros_like(logits[i]).scatter_add_(0, out, torch.ones_like(out, dtype=logits.dtype))
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def _sample_random(logits: torch.Tensor, rows: list[SampleRequest], generator) -> torch.Tensor:
+    temperature = torch.tensor([r.params.temperature for r in rows], device=logits.device).unsqueeze(1)
+    logits = logits / temperature
+    for i, row in enumerate(rows):  # filters are per row; most rows use none of them
+        logits[i] = _filter(logits[i], row.params)
+    probs = torch.softmax(logits, dim=-1)
+    # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p. Each seeded request draws its noise
+    # from its own generator, so its samples do not depend on what else is in the batch.
+    noise = torch.empty_like(probs)
+    for i, row in enumerate(rows):
+        noise[i].exponential_(generator=row.generator or generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    if p.top_k and p.top_k > 0 and p.top_k < logits.numel():
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= p.top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
+    if p.min_p > 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def _logprob_entry(logprobs: torch.Tensor, token_id: int, k: int):
+    chosen = logprobs[token_id]
+    rank = int((logprobs > chosen).sum()) + 1
+    top = torch.topk(logprobs, k) if k > 0 else None
+    top_list = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    return float(chosen), rank, top_list

@@ -1,0 +1,299 @@
+"""The scheduler: which tokens of which sequences run in each step, and where their KV cache lives.
+
+One file, three parts:
+- `Sequence`: a prompt plus the tokens generated so far, and how many of them already have K/V in the cache.
+- `BlockManager`: the paged KV cache's bookkeeping. The pool is `num_blocks` blocks of `block_size` token slots.
+  Blocks are reference-counted; a full block is named by a hash chained with its whole prefix, so a later
+  sequence with the same prefix reuses it (prefix caching). Free blocks keep their contents and hash until they
+  are handed out again, least recently freed first.
+- `Scheduler`: continuous batching. Each step it spends a token budget (`max_num_batched_tokens`) on running
+  sequences, decodes first and then prompt chunks (chunked prefill), then admits waiting sequences. When blocks
+  run out it preempts the most recently admitted sequence: its blocks are freed and it is recomputed later.
+
+The engine feeds it (`add`, `abort`), the runner executes the `Batch` that `schedule()` returns, and `update()`
+takes the sampled tokens back. Nothing here knows about torch or the model: it is plain bookkeeping, which is
+what lets the property tests drive it with thousands of random operations.
+"""
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class SeqStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    token_ids: list[int]  # prompt followed by the generated tokens
+    num_prompt_tokens: int
+    params: object  # SamplingParams: max_tokens, min_tokens, stop_token_ids, ignore_eos
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # chained hash of each full block, filled lazily
+    num_committed_blocks: int = 0  # leading blocks already registered in the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache on admission
+    waits_for: "Sequence | None" = None  # n > 1: wait until this sibling has computed the shared prompt
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    stop_reason: int | str | None = None
+    generator: object = None  # the sampler's per-request random generator; never touched here
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens]
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.hash_of_block: list[int | None] = [None] * num_blocks
+        self.block_of_hash: dict[int, int] = {}
+        # Free blocks in eviction order (front first). An OrderedDict gives O(1) removal when a cached free
+        # block is claimed again by a prefix hit.
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self.free) / self.num_blocks
+
+    def lookup_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks holding a prefix of `seq`. At least one token is always left to compute, because the
+        step that computes it is the one that produces the next token's logits."""
+        if not self.enable_prefix_caching:
+            return []
+        hits = []
+        for i in range((seq.num_tokens - 1) // self.block_size):
+            block = self.block_of_hash.get(self._block_hash(seq, i))
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int, hits: list[int] = ()) -> int:
+        """Free blocks consumed to admit `hits` (cached blocks nobody holds sit in the free pool) and to give
+        `seq` room for `num_new_tokens` more tokens."""
+        have = len(seq.block_table) + len(hits)
+        computed = seq.num_computed_tokens + len(hits) * self.block_size
+        fresh = max(0, -(-(computed + num_new_tokens) // self.block_size) - have)
+        return fresh + sum(1 for b in hits if self.ref_counts[b] == 0)
+
+    def admit(self, seq: Sequence, hits: list[int]) -> None:
+        for block in hits:
+            if self.ref_counts[block] == 0:
+                del self.free[block]
+            self.ref_counts[block] += 1
+        seq.block_table = list(hits)
+        seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
+        seq.num_committed_blocks = len(hits)
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+        for _ in range(self.blocks_needed(seq, num_new_tokens)):
+            block, _ = self.free.popitem(last=False)
+            old_hash = self.hash_of_block[block]
+            if old_hash is not None:  # evict its cached contents
+                del self.block_of_hash[old_hash]
+                self.hash_of_block[block] = None
+            self.ref_counts[block] = 1
+            seq.block_table.append(block)
+
+    def commit(self, seq: Sequence) -> None:
+        """Register the blocks that became full and computed, so that later sequences can reuse them."""
+        if not self.enable_prefix_caching:
+            return
+        for i in range(seq.num_committed_blocks, seq.num_computed_tokens // self.block_size):
+            block, h = seq.block_table[i], self._block_hash(seq, i)
+            if h not in self.block_of_hash:  # a duplicate of a cached block stays private
+                self.block_of_hash[h] = block
+                self.hash_of_block[block] = h
+        seq.num_committed_blocks = max(seq.num_committed_blocks, seq.num_computed_tokens // self.block_size)
+
+    def free_blocks(self, seq: Sequence) -> None:
+        # Tail blocks first, so the end of a sequence is evicted before the prefix others are likely to share.
+        for block in reversed(seq.block_table):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+                if self.hash_of_block[block] is None:  # holds nothing reusable: hand it out first
+                    self.free.move_to_end(block, last=False)
+        seq.block_table = []
+        seq.num_committed_blocks = 0
+
+    def _block_hash(self, seq: Sequence, index: int) -> int:
+        while len(seq.block_hashes) <= index:
+            i = len(seq.block_hashes)
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            seq.block_hashes.append(hash((parent, tokens)))
+        return seq.block_hashes[index]
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence's share of a step: tokens [start, start + num_new_tokens) are computed."""
+    seq: Sequence
+    start: int
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """A chunk that reaches the end of the known tokens produces the next token; an earlier prompt
+        chunk only fills the cache."""
+        return self.start + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class Batch:
+    scheduled: list[ScheduledSeq]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config, num_blocks: int, eos_token_ids: set[int]):
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_model_len = config.max_model_len
+        self.eos_token_ids = set(eos_token_ids)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self.prefix_cache_queries = self.prefix_cache_hits = 0  # in tokens, as vLLM counts them
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> Batch:
+        budget, scheduled = self.max_num_batched_tokens, []
+        preempted = False
+        # Decodes (one token left) first, prompt chunks after: a long prompt never stalls generation.
+        for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1):
+            if budget == 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while self.block_manager.blocks_needed(seq, n) > self.block_manager.num_free_blocks:
+                preempted = True
+                victim = next(s for s in reversed(self.running) if all(s is not x.seq for x in scheduled))
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is SeqStatus.RUNNING:
+                scheduled.append(self._run(seq, n))
+                budget -= n
+        if not preempted:  # admitting while preempting would only thrash
+            budget = self._admit_waiting(budget, scheduled)
+        return Batch(scheduled)
+
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledSeq]) -> int:
+        bm = self.block_manager
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if self._waits_for_sibling(seq):
+                continue
+            hits = bm.lookup_prefix(seq)
+            n = min(seq.num_tokens - len(hits) * bm.block_size, budget)
+            if bm.blocks_needed(seq, n, hits) > bm.num_free_blocks:
+                break  # first come, first served: nobody overtakes the head of the queue
+            bm.admit(seq, hits)
+            self.prefix_cache_queries += seq.num_tokens
+            self.prefix_cache_hits += seq.num_cached_tokens
+            self.waiting.remove(seq)
+            self.running.append(seq)
+            seq.status = SeqStatus.RUNNING
+            scheduled.append(self._run(seq, n))
+            budget -= n
+        return budget
+
+    def _waits_for_sibling(self, seq: Sequence) -> bool:
+        """Parallel samples (n > 1) of one prompt wait for the first to compute it, then share its blocks
+        through the prefix cache instead of each computing the prompt again."""
+        first = seq.waits_for
+        return (first is not None and first.status is not SeqStatus.FINISHED
+                and first.num_computed_tokens < first.num_prompt_tokens)
+
+    def _run(self, seq: Sequence, num_new_tokens: int) -> ScheduledSeq:
+        self.block_manager.allocate(seq, num_new_tokens)
+        return ScheduledSeq(seq, seq.num_computed_tokens, num_new_tokens)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Preemption by recompute: drop the sequence's cache; it re-enters the queue at the front and its
+        prompt and generated tokens are computed again (often from the prefix cache) when there is room."""
+        self.block_manager.free_blocks(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SeqStatus.WAITING
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def update(self, batch: Batch, sampled: list[int | None]) -> list[Sequence]:
+        """Record a finished step: `sampled[i]` is the new token of `batch.scheduled[i]` (None for a prompt
+        chunk that does not sample). Returns the sequences that finished by a token rule."""
+        finished = []
+        for item, token in zip(batch.scheduled, sampled):
+            seq = item.seq
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # aborted while the step ran
+            seq.num_computed_tokens = item.start + item.num_new_tokens
+            self.block_manager.commit(seq)
+            if token is None:
+                continue
+            seq.token_ids.append(token)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.finish(seq, *reason)
+                finished.append(seq)
+        return finished
+
+    def _stop_reason(self, seq: Sequence, token: int) -> tuple[str, int | None] | None:
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens:
+            if token in self.eos_token_ids and not p.ignore_eos:
+                return "stop", None
+            if token in p.stop_token_ids:
+                return "stop", token
+        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            return "length", None
+        if seq.num_tokens >= self.max_model_len:
+            return "length", None
+        return None
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """End a sequence (stop rule, stop string or abort) and return its blocks at once."""
+        if seq.status is SeqStatus.FINISHED:
+            return
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.block_manager.free_blocks(seq)
+        seq.status, seq.finish_reason, seq.stop_reason = SeqStatus.FINISHED, reason, stop_reason

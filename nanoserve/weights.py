@@ -1,0 +1,52 @@
+"""Weight loading: read a model directory's safetensors files into our module, fusing projections on the way.
+
+Checkpoints store q/k/v and gate/up as separate tensors; our layers hold each group in one fused matrix
+(`MergedLinear`), so each checkpoint tensor is copied into its rows of the fused parameter. Everything else
+is copied by name. Called once by the runner at start-up.
+"""
+import glob
+import os
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+
+def load_weights(model: torch.nn.Module, model_dir: str) -> None:
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"No *.safetensors files in {model_dir}")
+    params = dict(model.named_parameters())
+    loaded = set()
+    names = [(f, n) for f in files for n in _keys(f)]
+    handles = {}
+    for file, name in tqdm(names, desc="Loading weights", unit="tensor", leave=False):
+        handle = handles.get(file) or handles.setdefault(file, safe_open(file, framework="pt"))
+        target = _copy_tensor(model, params, name.removeprefix("model."), handle.get_tensor(name))
+        if target is not None:
+            loaded.add(target)
+    missing = set(params) - loaded  # tied lm_head shares embed_tokens' parameter and is not listed apart
+    if missing:
+        raise ValueError(f"Checkpoint in {model_dir} lacks weights for: {sorted(missing)[:5]}")
+
+
+def _keys(file: str) -> list[str]:
+    with safe_open(file, framework="pt") as f:
+        return list(f.keys())
+
+
+def _copy_tensor(model, params: dict, name: str, tensor: torch.Tensor) -> str | None:
+    """Copy one checkpoint tensor into its parameter; returns the parameter's name (None if unused)."""
+    for fragment, (fused, shard) in model.stacked_params.items():
+        if f".{fragment}." in name:
+            target = name.replace(fragment, fused)
+            module = model.get_submodule(target.rsplit(".", 1)[0])
+            offset = sum(module.shard_sizes[:shard])
+            with torch.no_grad():
+                params[target].narrow(0, offset, module.shard_sizes[shard]).copy_(tensor)
+            return target
+    if name not in params:  # e.g. rotary inv_freq buffers saved by old checkpoints
+        return None
+    with torch.no_grad():
+        params[name].copy_(tensor)
+    return name
