@@ -8,7 +8,8 @@ slot mapping, then attends each query token to its sequence's cached keys, causa
 This is the interface FlashInfer's paged kernels implement on the GPU; the reference backend here is what the
 GPU backend is tested against.
 
-KV cache layout, per layer: [num_blocks, 2 (K, V), block_size, num_kv_heads, head_dim] (FlashInfer's "NHD").
+KV cache layout, per layer: [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]. K and V are each a
+FlashInfer "NHD" paged cache, and gathering a sequence's blocks gives its keys as one contiguous tensor.
 """
 from dataclasses import dataclass
 
@@ -23,9 +24,10 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with 0
     slot_mapping: torch.Tensor  # [num_tokens] int64: block * block_size + offset of each new token
     block_size: int
-    # Derived once per step (not per layer) by the reference backend for its batched decode path.
-    decode_rows: torch.Tensor | None = None
-    decode_mask: torch.Tensor | None = None
+    # Derived once per step (not per layer) by the reference backend.
+    decode_rows: torch.Tensor | None = None  # sequences batched into one padded decode call
+    decode_mask: torch.Tensor | None = None  # [decodes, width]: which gathered slots hold real tokens
+    chunk_masks: dict | None = None  # sequence -> causal mask of its chunk (None: plain causal, no cache)
 
     @property
     def num_seqs(self) -> int:
@@ -35,7 +37,7 @@ class AttentionMetadata:
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
     """Store the new tokens' K and V at their slots with one indexed copy."""
     blocks, offsets = meta.slot_mapping // meta.block_size, meta.slot_mapping % meta.block_size
-    kv_cache[blocks, :, offsets] = torch.stack((k, v), dim=1).to(kv_cache.dtype)
+    kv_cache[:, blocks, offsets] = torch.stack((k, v)).to(kv_cache.dtype)
 
 
 class ReferenceAttention:
@@ -46,46 +48,52 @@ class ReferenceAttention:
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
 
     def prepare(self, meta: AttentionMetadata) -> None:
-        """Per-step work shared by all layers: which rows are decodes and their length mask."""
+        """Per-step work shared by all layers: the decode rows and their length mask, the chunks' masks."""
         qlens = [meta.query_start_loc[i + 1] - meta.query_start_loc[i] for i in range(meta.num_seqs)]
         decode = [i for i, q in enumerate(qlens) if q == 1]
+        device = meta.block_tables.device
         if len(decode) > 1:
-            device = meta.block_tables.device
             rows = torch.tensor(decode, device=device)
             lens = torch.tensor([meta.seq_lens[i] for i in decode], device=device)
             width = meta.block_tables.shape[1] * meta.block_size
             meta.decode_rows = rows
             meta.decode_mask = torch.arange(width, device=device)[None, :] < lens[:, None]  # [B, width]
+        else:
+            decode = []
+        meta.chunk_masks = {i: self._chunk_mask(meta.seq_lens[i], qlens[i], device)
+                            for i in range(meta.num_seqs) if i not in decode}
+
+    @staticmethod
+    def _chunk_mask(seq_len: int, num_new: int, device) -> torch.Tensor | None:
+        if num_new == seq_len:  # nothing cached before this chunk: plain causal attention, no mask tensor
+            return None
+        # Query j sits at position seq_len - num_new + j and sees keys up to and including that position.
+        q_pos = torch.arange(seq_len - num_new, seq_len, device=device)[:, None]
+        return torch.arange(seq_len, device=device)[None, :] <= q_pos
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, Hkv, D]; returns [T, H, D]."""
         write_kv(kv_cache, k, v, meta)
         out = torch.empty_like(q)
-        batched = set(meta.decode_rows.tolist()) if meta.decode_rows is not None else set()
-        if batched:
+        if meta.decode_rows is not None:
             self._decode_batch(q, kv_cache, meta, out)
-        for i in range(meta.num_seqs):
-            if i not in batched:
-                start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-                out[start:end] = self._one_sequence(q[start:end], kv_cache, meta, i)
+        for i, mask in meta.chunk_masks.items():
+            start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+            out[start:end] = self._one_sequence(q[start:end], kv_cache, meta, i, mask)
         return out
 
     def _gather(self, kv_cache: torch.Tensor, block_table: torch.Tensor):
-        """K and V of whole blocks, as [..., tokens, Hkv, D]."""
-        kv = kv_cache[block_table]  # [..., blocks, 2, block_size, Hkv, D]
-        kv = kv.transpose(-5, -4).flatten(-4, -3)  # [..., 2, blocks * block_size, Hkv, D]
-        return kv.select(-4, 0), kv.select(-4, 1)
+        """K and V of whole blocks, as [..., tokens, Hkv, D], with one indexing copy for both."""
+        kv = kv_cache.index_select(1, block_table.flatten())  # [2, rows * blocks, block_size, Hkv, D]
+        return kv.view(2, *block_table.shape[:-1], -1, *kv_cache.shape[-2:]).unbind(0)
 
-    def _one_sequence(self, q, kv_cache, meta, i):
-        seq_len, num_new = meta.seq_lens[i], q.shape[0]
-        num_blocks = -(-seq_len // meta.block_size)
-        k, v = self._gather(kv_cache, meta.block_tables[i, :num_blocks])
+    def _one_sequence(self, q, kv_cache, meta, i, mask):
+        seq_len = meta.seq_lens[i]
+        k, v = self._gather(kv_cache, meta.block_tables[i, :-(-seq_len // meta.block_size)])
         k, v = k[:seq_len], v[:seq_len]
-        # Query j sits at position seq_len - num_new + j and sees keys up to and including that position.
-        q_pos = torch.arange(seq_len - num_new, seq_len, device=q.device)[:, None]
-        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos
-        return self._sdpa(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), mask).transpose(0, 1)
+        q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, heads, tokens, D]: the fused kernel's shape
+        return self._sdpa(q, k, v, mask, is_causal=mask is None).squeeze(0).transpose(0, 1)
 
     def _decode_batch(self, q, kv_cache, meta, out):
         rows = meta.decode_rows
@@ -95,6 +103,6 @@ class ReferenceAttention:
         mask = meta.decode_mask[:, None, None, :]  # [B, 1, 1, width]
         out[token_index] = self._sdpa(qb, k.transpose(1, 2), v.transpose(1, 2), mask).squeeze(2)
 
-    def _sdpa(self, q, k, v, mask):
+    def _sdpa(self, q, k, v, mask, is_causal=False):
         return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scale,
-                                              enable_gqa=self.num_heads != self.num_kv_heads)
+                                              is_causal=is_causal, enable_gqa=self.num_heads != self.num_kv_heads)

