@@ -44,7 +44,23 @@ class EngineConfig:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.speculative_config is not None:
-            raise ValueError("speculative_config is not supported yet")
+            self._check_speculative_config(self.speculative_config)
+
+    @staticmethod
+    def _check_speculative_config(spec: dict) -> None:
+        """vLLM's form: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 5,
+        "prompt_lookup_min": 2} or {"model": draft_path, "num_speculative_tokens": k}."""
+        method = spec.get("method", "draft_model" if spec.get("model") else None)
+        if method not in ("ngram", "draft_model"):
+            raise ValueError("speculative_config needs \"method\": \"ngram\" or a draft \"model\"")
+        if method == "draft_model" and not spec.get("model"):
+            raise ValueError("speculative_config with method draft_model needs a \"model\"")
+        k = spec.get("num_speculative_tokens")
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"speculative_config num_speculative_tokens must be a positive integer, got {k!r}")
+        low, high = spec.get("prompt_lookup_min", 1), spec.get("prompt_lookup_max", 1)
+        if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high):
+            raise ValueError("speculative_config needs 1 <= prompt_lookup_min <= prompt_lookup_max")
 
     @property
     def torch_device(self) -> torch.device:

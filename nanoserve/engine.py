@@ -20,7 +20,7 @@ from .config import EngineConfig
 from .default_model import resolve_model
 from .runner import ModelRunner
 from .sampling import ParamError, SamplingParams
-from .scheduler import Scheduler, Sequence
+from .scheduler import DraftModelProposer, NgramProposer, Scheduler, Sequence
 
 # Prompt tokens kept as context so the first generated token decodes with its leading space.
 DETOKENIZE_CONTEXT = 6
@@ -112,11 +112,28 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(self.generation_config, self.tokenizer)
         self.runner = ModelRunner(config, model_dir, self.eos_token_ids)
         self.vocab_size = self.runner.hf_config.vocab_size
-        self.scheduler = Scheduler(config, self.runner.num_blocks, self.eos_token_ids)
+        self.scheduler = Scheduler(config, self.runner.num_blocks, self.eos_token_ids, self._make_proposer())
         self.requests: dict[str, _Request] = {}
         self.seq_owner: dict[int, tuple[_Request, int]] = {}
         self._seq_ids = itertools.count()
         self.num_prompt_tokens = self.num_generation_tokens = 0
+
+    def _make_proposer(self):
+        spec = self.config.speculative_config
+        if spec is None:
+            return None
+        k = spec["num_speculative_tokens"]
+        if spec.get("method") == "ngram":
+            high = spec.get("prompt_lookup_max", 5)
+            return NgramProposer(k, spec.get("prompt_lookup_min", min(2, high)), high)
+        # The draft's cache gets the target's block count: the two share block tables (see DraftModelProposer).
+        draft_config = replace(self.config, model=spec["model"], tokenizer=None, speculative_config=None,
+                               num_gpu_blocks_override=self.runner.num_blocks)
+        runner = ModelRunner(draft_config, resolve_model(spec["model"]), self.eos_token_ids)
+        if runner.hf_config.vocab_size != self.vocab_size:
+            raise ValueError(f"The draft model's vocabulary ({runner.hf_config.vocab_size}) differs from the "
+                             f"target's ({self.vocab_size}): it must use the same tokenizer")
+        return DraftModelProposer(runner, k)
 
     @property
     def max_model_len(self) -> int:
@@ -177,15 +194,13 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.scheduled:
             return []
-        result = self.runner.execute(batch)
-        samples = iter(zip(result.token_ids, result.logprobs))
-        sampled = [next(samples) if item.samples else (None, None) for item in batch.scheduled]
-        self.scheduler.update(batch, [token for token, _ in sampled])
+        tokens, logprobs = self.runner.execute(batch)
+        self.scheduler.update(batch, tokens)
         touched = {}
-        for item, (token, logprob) in zip(batch.scheduled, sampled):
-            if token is not None and item.seq.seq_id in self.seq_owner:
+        for item, new_tokens, entries in zip(batch.scheduled, tokens, logprobs):
+            if new_tokens and item.seq.seq_id in self.seq_owner:
                 req, index = self.seq_owner[item.seq.seq_id]
-                self._process_token(req, index, token, logprob)
+                self._process_tokens(req, index, item, new_tokens, entries)
                 touched[req.request_id] = req
         outputs = [self._output(req) for req in touched.values()]
         for req in touched.values():
@@ -193,7 +208,19 @@ class LLMEngine:
                 self._forget(req)
         return outputs
 
-    def _process_token(self, req: _Request, index: int, token: int, logprob) -> None:
+    def _process_tokens(self, req: _Request, index: int, item, new_tokens: list[int], entries: list) -> None:
+        seq = item.seq
+        # update() appended the new tokens up to the first one that ended the sequence by a token rule.
+        kept = seq.num_tokens - (item.start + item.num_new_tokens - len(item.draft_token_ids))
+        for j in range(kept):
+            last = j == kept - 1
+            num_output = seq.num_output_tokens - kept + j + 1  # counting this token
+            if self._process_token(req, index, new_tokens[j], entries[j], last, num_output) and not last:
+                del seq.token_ids[seq.num_tokens - kept + j + 1:]  # a stop string ended it before the others
+                break
+
+    def _process_token(self, req: _Request, index: int, token: int, logprob, last: bool, num_output: int) -> bool:
+        """Detokenize one new token, record its logprobs, check stop strings; True if a stop string ended it."""
         seq, detok, p = req.seqs[index], req.detokenizers[index], req.params
         self.num_generation_tokens += 1
         if logprob is not None:
@@ -203,21 +230,23 @@ class LLMEngine:
                 entry.setdefault(tid, Logprob(lp, r, self.tokenizer.decode([tid])))
             req.logprobs[index].append(entry)
             req.cumulative_logprobs[index] += chosen
-        stopped_by_token = seq.finish_reason == "stop" and not p.include_stop_str_in_output
-        delta = "" if stopped_by_token else detok.add(token)
-        if seq.finish_reason is not None:
+        ended = last and seq.finish_reason is not None  # by a token rule, in the scheduler
+        delta = "" if ended and seq.finish_reason == "stop" and not p.include_stop_str_in_output else detok.add(token)
+        if ended:
             detok.flush()
-        elif p.stop and seq.num_output_tokens >= p.min_tokens:
-            self._check_stop_strings(seq, detok, p, len(delta))
+            return False
+        # Like stop tokens, stop strings count only from min_tokens on.
+        return bool(p.stop) and num_output >= p.min_tokens and self._check_stop_strings(seq, detok, p, len(delta))
 
-    def _check_stop_strings(self, seq: Sequence, detok: Detokenizer, p: SamplingParams, delta_len: int) -> None:
+    def _check_stop_strings(self, seq: Sequence, detok: Detokenizer, p: SamplingParams, delta_len: int) -> bool:
         for stop in p.stop:
             # Only the new text and the stop string's length before it can contain a new match.
             at = detok.text.find(stop, max(0, len(detok.text) - delta_len - len(stop) + 1))
             if at != -1:
                 detok.text = detok.text[:at + (len(stop) if p.include_stop_str_in_output else 0)]
                 self.scheduler.finish(seq, "stop", stop)
-                return
+                return True
+        return False
 
     def _output(self, req: _Request) -> RequestOutput:
         # While a sequence runs, hold back the characters that could still become the start of a stop string.
@@ -242,7 +271,9 @@ class LLMEngine:
         return {"num_requests_running": len(s.running), "num_requests_waiting": len(s.waiting),
                 "kv_cache_usage_perc": s.block_manager.usage, "num_preemptions": s.num_preemptions,
                 "prefix_cache_queries": s.prefix_cache_queries, "prefix_cache_hits": s.prefix_cache_hits,
-                "prompt_tokens": self.num_prompt_tokens, "generation_tokens": self.num_generation_tokens}
+                "prompt_tokens": self.num_prompt_tokens, "generation_tokens": self.num_generation_tokens,
+                "spec_decode_num_drafts": s.spec_num_drafts, "spec_decode_num_draft_tokens": s.spec_num_draft_tokens,
+                "spec_decode_num_accepted_tokens": s.spec_num_accepted_tokens}
 
 
 def _read_generation_config(model_dir: str) -> dict:

@@ -13,8 +13,8 @@ from transformers import AutoConfig
 from .attention import AttentionMetadata, ReferenceAttention
 from .config import EngineConfig
 from .models import model_class
-from .sampling import SampleRequest, SampleResult, sample
-from .scheduler import Batch, Sequence
+from .sampling import SampleRequest, logprob_entry, sample, target_probs
+from .scheduler import Batch, Sequence, rejection_sample
 from .weights import load_weights
 
 logger = logging.getLogger("nanoserve")
@@ -69,40 +69,76 @@ class ModelRunner:
         return num_blocks
 
     @torch.inference_mode()
-    def execute(self, batch: Batch) -> SampleResult:
-        """One forward pass over the batch; returns a token for each sequence that samples, in batch order."""
-        input_ids, positions, meta, sample_index = self._prepare(batch)
+    def execute(self, batch: Batch) -> tuple[list[list[int]], list[list]]:
+        """One forward pass over the batch. Returns, per scheduled item, its new tokens (none for a prompt chunk,
+        one for a decode, the kept drafts plus one under speculation) and their logprob entries (or None)."""
+        logits = self._forward(batch)
+        tokens, logprobs = [[] for _ in batch.scheduled], [[] for _ in batch.scheduled]
+        rows, requests, plain = 0, [], []
+        for i, item in enumerate(batch.scheduled):
+            drafts = item.draft_token_ids[len(item.draft_token_ids) - item.num_logits + 1:]
+            requests += [self._sample_request(item.seq, drafts[:j]) for j in range(item.num_logits)]
+            if item.num_logits == 1:
+                plain.append((i, rows))
+            elif item.num_logits > 1:
+                tokens[i], logprobs[i] = self._verify(logits[rows:rows + item.num_logits],
+                                                      requests[rows:rows + item.num_logits], drafts)
+            rows += item.num_logits
+        if plain:
+            index = [row for _, row in plain]
+            result = sample(logits[index], [requests[row] for row in index], self.generator)
+            for (i, _), token, entry in zip(plain, result.token_ids, result.logprobs):
+                tokens[i], logprobs[i] = [token], [entry]
+        return tokens, logprobs
+
+    def _verify(self, logits: torch.Tensor, requests: list[SampleRequest], drafts: list[int]):
+        """Speculative decoding: keep the drafts the target agrees with (see scheduler.rejection_sample)."""
+        generator = requests[0].generator or self.generator
+        kept = rejection_sample(target_probs(logits, requests), drafts, None, generator)
+        k = requests[0].params.logprobs
+        if k is None:
+            return kept, [None] * len(kept)
+        raw = torch.log_softmax(logits.float(), dim=-1)
+        return kept, [logprob_entry(raw[j], token, k) for j, token in enumerate(kept)]
+
+    @torch.inference_mode()
+    def greedy_next(self, batch: Batch) -> list[int | None]:
+        """The argmax next token of every item that samples (None for the others): the draft model's proposals."""
+        logits = self._forward(batch)
+        best = iter(logits.argmax(dim=-1).tolist()) if logits is not None else iter(())
+        return [next(best) if item.num_logits else None for item in batch.scheduled]
+
+    def _forward(self, batch: Batch) -> torch.Tensor | None:
+        """Run the model; logits of the positions that need them, in batch order."""
+        input_ids, positions, meta, logit_rows = self._prepare(batch)
         self.attention.prepare(meta)
         hidden = self.model(input_ids, positions, self.kv_cache, meta)
-        sampling = [item.seq for item in batch.scheduled if item.samples]
-        if not sampling:
-            return SampleResult([], [])
-        logits = self.model.compute_logits(hidden[sample_index])
-        return sample(logits, [self._sample_request(seq) for seq in sampling], self.generator)
+        return self.model.compute_logits(hidden[logit_rows]) if len(logit_rows) else None
 
     def _prepare(self, batch: Batch):
         bs = self.config.block_size
-        ids, positions, slots, query_start, seq_lens, sample_index = [], [], [], [0], [], []
+        ids, positions, slots, query_start, seq_lens, logit_rows = [], [], [], [0], [], []
         for item in batch.scheduled:
             seq, start, end = item.seq, item.start, item.start + item.num_new_tokens
-            ids += seq.token_ids[start:end]
+            ids += item.token_ids
             positions += range(start, end)
             slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
             query_start.append(query_start[-1] + item.num_new_tokens)
             seq_lens.append(end)
-            if item.samples:
-                sample_index.append(query_start[-1] - 1)
+            logit_rows += range(query_start[-1] - item.num_logits, query_start[-1])
         width = max(len(item.seq.block_table) for item in batch.scheduled)
         tables = [item.seq.block_table + [0] * (width - len(item.seq.block_table)) for item in batch.scheduled]
         as_tensor = lambda x, dtype: torch.tensor(x, dtype=dtype, device=self.device)  # noqa: E731
         meta = AttentionMetadata(query_start, seq_lens, as_tensor(tables, torch.int32), as_tensor(slots, torch.long), bs)
-        return as_tensor(ids, torch.long), as_tensor(positions, torch.long), meta, as_tensor(sample_index, torch.long)
+        return as_tensor(ids, torch.long), as_tensor(positions, torch.long), meta, as_tensor(logit_rows, torch.long)
 
-    def _sample_request(self, seq: Sequence) -> SampleRequest:
+    def _sample_request(self, seq: Sequence, drafts: list[int] = ()) -> SampleRequest:
+        """What the sampler needs for `seq`'s next token, as if `drafts` had already been generated."""
         p = seq.params
         if p.seed is not None and seq.generator is None:
             seq.generator = torch.Generator(self.device).manual_seed(p.seed)
+        output = seq.output_token_ids + list(drafts)
         banned = []
-        if seq.num_output_tokens < p.min_tokens:  # stop tokens cannot end a sequence before min_tokens
+        if len(output) < p.min_tokens:  # stop tokens cannot end a sequence before min_tokens
             banned = list(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids))
-        return SampleRequest(p, seq.prompt_token_ids, seq.output_token_ids, seq.generator, banned)
+        return SampleRequest(p, seq.prompt_token_ids, output, seq.generator, banned)

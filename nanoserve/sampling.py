@@ -104,10 +104,7 @@ def sample(logits: torch.Tensor, rows: list[SampleRequest], generator: torch.Gen
     """Choose one token per row. `generator` draws noise for rows without their own seed."""
     logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in rows) else None
-    logits = _apply_penalties(logits, rows)
-    for i, row in enumerate(rows):
-        if row.banned_token_ids:
-            logits[i, row.banned_token_ids] = float("-inf")
+    logits = _penalize(logits, rows)
     chosen = logits.argmax(dim=-1)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if random_rows:
@@ -115,9 +112,30 @@ def sample(logits: torch.Tensor, rows: list[SampleRequest], generator: torch.Gen
     token_ids = chosen.tolist()
     logprobs = [None] * len(rows)
     if raw_logprobs is not None:
-        logprobs = [_logprob_entry(raw_logprobs[i], token_ids[i], r.params.logprobs)
+        logprobs = [logprob_entry(raw_logprobs[i], token_ids[i], r.params.logprobs)
                     if r.params.logprobs is not None else None for i, r in enumerate(rows)]
     return SampleResult(token_ids, logprobs)
+
+
+def target_probs(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
+    """The distribution each row samples from, after every rule (greedy rows: one-hot on the argmax).
+    Speculative decoding verifies drafts against it."""
+    logits = _penalize(logits.float(), rows)
+    probs = torch.empty_like(logits)
+    for i, row in enumerate(rows):
+        if row.params.greedy:
+            probs[i] = torch.nn.functional.one_hot(logits[i].argmax(), logits.shape[-1])
+        else:
+            probs[i] = torch.softmax(_filter(logits[i] / row.params.temperature, row.params), dim=-1)
+    return probs
+
+
+def _penalize(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
+    logits = _apply_penalties(logits, rows)
+    for i, row in enumerate(rows):
+        if row.banned_token_ids:
+            logits[i, row.banned_token_ids] = float("-inf")
+    return logits
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
@@ -165,7 +183,8 @@ def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def _logprob_entry(logprobs: torch.Tensor, token_id: int, k: int):
+def logprob_entry(logprobs: torch.Tensor, token_id: int, k: int):
+    """(logprob of the token, its rank, the top-k (token, logprob) pairs) from one row of raw logprobs."""
     chosen = logprobs[token_id]
     rank = int((logprobs > chosen).sum()) + 1
     top = torch.topk(logprobs, k) if k > 0 else None

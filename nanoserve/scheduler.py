@@ -37,6 +37,7 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # chained hash of each full block, filled lazily
     num_committed_blocks: int = 0  # leading blocks already registered in the prefix cache
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache on admission
+    num_draft_computed: int = 0  # tokens whose K/V are in the draft model's cache (speculative decoding)
     waits_for: "Sequence | None" = None  # n > 1: wait until this sibling has computed the shared prompt
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: int | str | None = None
@@ -129,6 +130,16 @@ class BlockManager:
                 self.hash_of_block[block] = h
         seq.num_committed_blocks = max(seq.num_committed_blocks, seq.num_computed_tokens // self.block_size)
 
+    def trim(self, seq: Sequence) -> None:
+        """Give back blocks reserved for drafts that were rejected: keep those the known tokens need."""
+        keep = -(-seq.num_tokens // self.block_size)
+        while len(seq.block_table) > keep:
+            block = seq.block_table.pop()
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+                self.free.move_to_end(block, last=False)
+
     def free_blocks(self, seq: Sequence) -> None:
         # Tail blocks first, so the end of a sequence is evicted before the prefix others are likely to share.
         for block in reversed(seq.block_table):
@@ -151,16 +162,31 @@ class BlockManager:
 
 @dataclass
 class ScheduledSeq:
-    """One sequence's share of a step: tokens [start, start + num_new_tokens) are computed."""
+    """One sequence's share of a step: positions [start, start + num_new_tokens) of the sequence's tokens
+    followed by its draft tokens (speculative decoding) are computed."""
     seq: Sequence
     start: int
     num_new_tokens: int
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
-        """A chunk that reaches the end of the known tokens produces the next token; an earlier prompt
-        chunk only fills the cache."""
-        return self.start + self.num_new_tokens == self.seq.num_tokens
+        """A chunk that reaches the end of the known tokens produces the next token (and verifies the drafts);
+        an earlier prompt chunk only fills the cache."""
+        return self.start + self.num_new_tokens - len(self.draft_token_ids) == self.seq.num_tokens
+
+    @property
+    def num_logits(self) -> int:
+        """Positions whose logits are needed: the last one, plus one per draft the target verifies."""
+        if not self.samples:
+            return 0
+        return min(self.num_new_tokens, self.start + self.num_new_tokens - self.seq.num_tokens + 1)
+
+    @property
+    def token_ids(self) -> list[int]:
+        end = self.start + self.num_new_tokens
+        return (self.seq.token_ids[self.start:end] if not self.draft_token_ids
+                else (self.seq.token_ids + self.draft_token_ids)[self.start:end])
 
 
 @dataclass
@@ -173,7 +199,8 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, config, num_blocks: int, eos_token_ids: set[int]):
+    def __init__(self, config, num_blocks: int, eos_token_ids: set[int], proposer=None):
+        self.proposer = proposer  # speculative decoding: NgramProposer, DraftModelProposer or None
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = config.max_model_len
@@ -183,6 +210,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.prefix_cache_queries = self.prefix_cache_hits = 0  # in tokens, as vLLM counts them
+        self.spec_num_drafts = self.spec_num_draft_tokens = self.spec_num_accepted_tokens = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -199,7 +227,7 @@ class Scheduler:
                 break
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = min(seq.num_tokens - seq.num_computed_tokens + self._num_draft_slots(seq), budget)
             while self.block_manager.blocks_needed(seq, n) > self.block_manager.num_free_blocks:
                 preempted = True
                 victim = next(s for s in reversed(self.running) if all(s is not x.seq for x in scheduled))
@@ -211,7 +239,19 @@ class Scheduler:
                 budget -= n
         if not preempted:  # admitting while preempting would only thrash
             budget = self._admit_waiting(budget, scheduled)
-        return Batch(scheduled)
+        batch = Batch(scheduled)
+        if self.proposer is not None:
+            self.proposer.propose(batch)
+        return batch
+
+    def _num_draft_slots(self, seq: Sequence) -> int:
+        """Room reserved for draft tokens: only a decoding sequence speculates, and never past its limits."""
+        if self.proposer is None or seq.num_tokens - seq.num_computed_tokens != 1:
+            return 0
+        left = self.max_model_len - seq.num_tokens
+        if seq.params.max_tokens is not None:
+            left = min(left, seq.params.max_tokens - seq.num_output_tokens - 1)
+        return max(0, min(self.proposer.k, left))
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledSeq]) -> int:
         bm = self.block_manager
@@ -225,6 +265,7 @@ class Scheduler:
             if bm.blocks_needed(seq, n, hits) > bm.num_free_blocks:
                 break  # first come, first served: nobody overtakes the head of the queue
             bm.admit(seq, hits)
+            seq.num_draft_computed = seq.num_computed_tokens  # the draft model's K/V share the cached blocks
             self.prefix_cache_queries += seq.num_tokens
             self.prefix_cache_hits += seq.num_cached_tokens
             self.waiting.remove(seq)
@@ -249,29 +290,40 @@ class Scheduler:
         """Preemption by recompute: drop the sequence's cache; it re-enters the queue at the front and its
         prompt and generated tokens are computed again (often from the prefix cache) when there is room."""
         self.block_manager.free_blocks(seq)
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_draft_computed = 0
         seq.status = SeqStatus.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def update(self, batch: Batch, sampled: list[int | None]) -> list[Sequence]:
-        """Record a finished step: `sampled[i]` is the new token of `batch.scheduled[i]` (None for a prompt
-        chunk that does not sample). Returns the sequences that finished by a token rule."""
+    def update(self, batch: Batch, sampled: list) -> list[Sequence]:
+        """Record a finished step: `sampled[i]` holds the new tokens of `batch.scheduled[i]`: a list (the
+        accepted drafts and one new token under speculation), a single token, or None for a prompt chunk that
+        does not sample. Returns the sequences that finished by a token rule."""
         finished = []
-        for item, token in zip(batch.scheduled, sampled):
+        for item, tokens in zip(batch.scheduled, sampled):
             seq = item.seq
             if seq.status is not SeqStatus.RUNNING:
                 continue  # aborted while the step ran
-            seq.num_computed_tokens = item.start + item.num_new_tokens
+            tokens = [] if tokens is None else [tokens] if isinstance(tokens, int) else tokens
+            # Rejected drafts' K/V stay in their slots as garbage, past num_computed_tokens: overwritten later.
+            num_rejected = len(item.draft_token_ids) - max(0, len(tokens) - 1) if tokens else 0
+            seq.num_computed_tokens = item.start + item.num_new_tokens - num_rejected
+            seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed_tokens)
             self.block_manager.commit(seq)
-            if token is None:
-                continue
-            seq.token_ids.append(token)
-            reason = self._stop_reason(seq, token)
-            if reason is not None:
-                self.finish(seq, *reason)
-                finished.append(seq)
+            if item.draft_token_ids:
+                self.spec_num_drafts += 1
+                self.spec_num_draft_tokens += len(item.draft_token_ids)
+                self.spec_num_accepted_tokens += len(item.draft_token_ids) - num_rejected
+            for token in tokens:
+                seq.token_ids.append(token)
+                reason = self._stop_reason(seq, token)
+                if reason is not None:
+                    self.finish(seq, *reason)
+                    finished.append(seq)
+                    break
+            else:
+                self.block_manager.trim(seq)
         return finished
 
     def _stop_reason(self, seq: Sequence, token: int) -> tuple[str, int | None] | None:
@@ -297,3 +349,105 @@ class Scheduler:
             self.waiting.remove(seq)
         self.block_manager.free_blocks(seq)
         seq.status, seq.finish_reason, seq.stop_reason = SeqStatus.FINISHED, reason, stop_reason
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Speculative decoding: a cheap proposer guesses the next k tokens of each decoding sequence; the target model
+# scores all of them in the same forward pass (one position per draft plus a bonus position); `rejection_sample`
+# keeps the longest prefix the target agrees with. Kept tokens are exactly distributed as the target's own
+# samples, so speculation changes speed, never output distribution (greedy output is token-identical).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _draft_room(item: ScheduledSeq) -> int:
+    """Draft slots the scheduler reserved for this item (0 unless it is a decoding sequence)."""
+    return item.start + item.num_new_tokens - item.seq.num_tokens
+
+
+class NgramProposer:
+    """Prompt lookup: find the most recent earlier occurrence of the sequence's last n tokens (longest n first)
+    and propose the tokens that followed it. Costs no model; shines when the output repeats its input."""
+
+    def __init__(self, num_speculative_tokens: int, prompt_lookup_min: int = 1, prompt_lookup_max: int = 4):
+        self.k, self.min_n, self.max_n = num_speculative_tokens, prompt_lookup_min, prompt_lookup_max
+
+    def propose(self, batch: Batch) -> None:
+        for item in batch.scheduled:
+            room = _draft_room(item)
+            if room > 0:
+                item.draft_token_ids = self.lookup(item.seq.token_ids, room)
+                item.num_new_tokens = 1 + len(item.draft_token_ids)  # unused reserved slots are trimmed later
+
+    def lookup(self, token_ids: list[int], k: int) -> list[int]:
+        for n in range(min(self.max_n, len(token_ids) - 1), self.min_n - 1, -1):
+            suffix = token_ids[-n:]
+            for start in range(len(token_ids) - n - 1, -1, -1):
+                if token_ids[start:start + n] == suffix:
+                    return token_ids[start + n:start + n + k]
+        return []
+
+
+class DraftModelProposer:
+    """A smaller model with the target's tokenizer guesses k tokens greedily, one forward pass per token.
+
+    Its KV cache has the target's block layout: block b of the draft cache holds the draft's K/V for the same
+    tokens as block b of the target cache. So the target's block tables, prefix cache, preemption and rollback
+    keep both caches in step, and `Sequence.num_draft_computed` only tracks how far the draft has caught up.
+    `runner.greedy_next(batch)` (the runner's job: it owns the model) returns the draft's argmax per item."""
+
+    def __init__(self, runner, num_speculative_tokens: int):
+        self.runner, self.k = runner, num_speculative_tokens
+
+    def propose(self, batch: Batch) -> None:
+        # Pass 1: everything the target computes this step that the draft has not (prompt chunks, last step's
+        # accepted tokens); for a decoding sequence it yields the first draft.
+        catch_up = []
+        for item in batch.scheduled:
+            seq, end = item.seq, min(item.start + item.num_new_tokens, item.seq.num_tokens)
+            if end > seq.num_draft_computed:
+                catch_up.append(ScheduledSeq(seq, seq.num_draft_computed, end - seq.num_draft_computed))
+                seq.num_draft_computed = end
+        first = dict(zip((x.seq.seq_id for x in catch_up), self.runner.greedy_next(Batch(catch_up))))
+        drafting = [item for item in batch.scheduled if _draft_room(item) > 0]
+        for item in drafting:
+            item.draft_token_ids = [first[item.seq.seq_id]]
+        # Passes 2..k: one more token for every sequence that still has room.
+        for i in range(1, self.k):
+            step = [item for item in drafting if _draft_room(item) > i]
+            if not step:
+                break
+            drafts = self.runner.greedy_next(Batch(
+                [ScheduledSeq(x.seq, x.seq.num_tokens + i - 1, 1, list(x.draft_token_ids)) for x in step]))
+            for item, token in zip(step, drafts):
+                item.draft_token_ids.append(token)
+                item.seq.num_draft_computed += 1
+        for item in drafting:
+            item.num_new_tokens = 1 + len(item.draft_token_ids)
+
+
+def rejection_sample(target_probs, draft_token_ids: list[int], draft_probs=None, generator=None) -> list[int]:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023) for one sequence.
+
+    target_probs: [k + 1, vocab] the target's distribution at each draft position and the bonus position.
+    draft_probs: [k, vocab] the proposer's distribution for each draft, or None for deterministic proposals
+    (a one-hot q). Draft i is kept with probability min(1, p_i(d) / q_i(d)); at the first rejection the token is
+    drawn from the residual max(p_i - q_i, 0), renormalized, and the rest is dropped; if every draft is kept,
+    a bonus token is drawn from p_k. Returns the kept drafts followed by that one new token.
+    """
+    import torch  # only here: the rest of the scheduler is plain Python bookkeeping
+
+    k = len(draft_token_ids)
+    drafts = torch.tensor(draft_token_ids, dtype=torch.long, device=target_probs.device)
+    if draft_probs is None:
+        draft_probs = torch.zeros_like(target_probs[:k]).scatter_(1, drafts[:, None], 1.0)
+    rows = torch.arange(k, device=target_probs.device)
+    p, q = target_probs[rows, drafts], draft_probs[rows, drafts]
+    uniform = torch.rand(k, generator=generator, device=target_probs.device)
+    rejected = (uniform * q >= p).tolist()  # u < p / q, without dividing by zero
+    kept = rejected.index(True) if True in rejected else k
+    if kept < k:
+        residual = (target_probs[kept] - draft_probs[kept]).clamp_min(0)
+        last = torch.multinomial(residual / residual.sum(), 1, generator=generator)
+    else:
+        last = torch.multinomial(target_probs[k], 1, generator=generator)
+    return draft_token_ids[:kept] + [int(last)]
