@@ -8,6 +8,7 @@ when there is nothing to do. Closing a stream that has not finished (client disc
 which frees its KV blocks before the next step.
 """
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -31,7 +32,7 @@ class RequestStream:
         self.token_times: list[float] = []  # when each output left the engine thread
 
     def put(self, item) -> None:  # called from the engine thread
-        if not self._loop.is_closed():  # a closed loop has no one left to listen
+        with contextlib.suppress(RuntimeError):  # the loop is closed: no one is left to listen
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
     def __aiter__(self):
@@ -136,8 +137,6 @@ class AsyncLLMEngine:
         return not self._stopped
 
     def _step(self) -> None:
-        if not self.engine.has_unfinished_requests():
-            return
         start = time.monotonic()
         try:
             outputs = self.engine.step()
@@ -154,7 +153,8 @@ class AsyncLLMEngine:
             stream.put(out)
         for request_id, stream in self._streams.items():
             # Queue time ends when a step first computes the request, which may be before it has a token.
-            if stream.scheduled_time is None and self.engine.requests[request_id].seqs[0].num_computed_tokens:
+            req = self.engine.requests.get(request_id)
+            if stream.scheduled_time is None and req is not None and req.seqs[0].num_computed_tokens:
                 stream.scheduled_time = start
 
     def _fail_streams(self, exc: BaseException) -> list[str]:

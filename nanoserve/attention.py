@@ -36,8 +36,8 @@ class AttentionMetadata:
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
     """Store the new tokens' K and V at their slots with one indexed copy."""
-    blocks, offsets = meta.slot_mapping // meta.block_size, meta.slot_mapping % meta.block_size
-    kv_cache[:, blocks, offsets] = torch.stack((k, v)).to(kv_cache.dtype)
+    slots = kv_cache.view(2, -1, *kv_cache.shape[-2:])  # [2, num_blocks * block_size, Hkv, D]
+    slots.index_copy_(1, meta.slot_mapping, torch.stack((k, v)).to(kv_cache.dtype))
 
 
 class ReferenceAttention:

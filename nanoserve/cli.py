@@ -57,7 +57,8 @@ def build_parser(command: str) -> Parser:
         s.add_argument("--served-model-name", metavar="NAME", help="model name in the API (default: MODEL)")
     else:
         max_tokens = 128 if command == "generate" else 512
-        p.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N", help=f"tokens to generate (default: {max_tokens})")
+        p.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N",
+                       help=f"tokens to generate (default: {max_tokens})")
         p.add_argument("--temperature", type=float, metavar="X", help="sampling temperature (default: the model's)")
     e = p.add_argument_group("engine")
     e.add_argument("--tokenizer", metavar="PATH", help="tokenizer directory or hub id (default: the model's)")
@@ -66,8 +67,9 @@ def build_parser(command: str) -> Parser:
                              ("--max-num-batched-tokens", int, "tokens computed per step"),
                              ("--block-size", int, "tokens per KV-cache block"),
                              ("--gpu-memory-utilization", float, "fraction of GPU memory to use"),
-                             ("--dtype", str, "auto, float32, bfloat16 or float16 (auto: bf16 on GPU, fp32 on CPU)"),
-                             ("--device", str, "auto, cpu, cuda or cuda:N"), ("--seed", int, "random seed"),
+                             ("--dtype", str, "float32, bfloat16, float16, or auto: bf16 on GPU, fp32 on CPU"),
+                             ("--device", str, "cpu, cuda, cuda:N, or auto: cuda if available"),
+                             ("--seed", int, "random seed"),
                              ("--tensor-parallel-size", int, "number of GPUs (only 1 is supported)")]:
         name = flag[2:].replace("-", "_")
         default = DEFAULTS.get(name, 1)
@@ -79,7 +81,8 @@ def build_parser(command: str) -> Parser:
     e.add_argument("--speculative-config", type=json.loads, metavar="JSON", help="speculative decoding, as JSON")
     e.add_argument("--generation-config", default="auto", metavar="SRC", help="sampling defaults: 'auto' (the model's "
                    "generation_config.json), 'vllm' (none) or a directory (default: auto)")
-    e.add_argument("--chat-template", metavar="TEMPLATE", help="chat template file or inline Jinja (default: the tokenizer's)")
+    e.add_argument("--chat-template", metavar="TEMPLATE",
+                   help="chat template file or inline Jinja (default: the tokenizer's)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log level (default: info)")
     return p

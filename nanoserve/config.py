@@ -6,8 +6,6 @@ model's `config.json` has been read.
 """
 from dataclasses import dataclass, fields
 
-import torch
-
 
 @dataclass
 class EngineConfig:
@@ -62,17 +60,20 @@ class EngineConfig:
         if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high):
             raise ValueError("speculative_config needs 1 <= prompt_lookup_min <= prompt_lookup_max")
 
+    # torch is imported where it is used, so the CLI can parse arguments (and print --help) without loading it.
     @property
-    def torch_device(self) -> torch.device:
+    def torch_device(self):
+        import torch
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
     @property
-    def torch_dtype(self) -> torch.dtype:
+    def torch_dtype(self):
+        import torch
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
-        return DTYPES[self.dtype]
+        return getattr(torch, DTYPES[self.dtype])
 
     def resolve_for_model(self, hf_config) -> None:
         """Fill in what depends on the model and check the user's value against it."""
@@ -88,5 +89,5 @@ class EngineConfig:
         return {f.name for f in fields(cls)}
 
 
-DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16,
-          "bfloat16": torch.bfloat16, "half": torch.float16, "float": torch.float32}
+DTYPES = {"auto": None, "float32": "float32", "float": "float32", "float16": "float16", "half": "float16",
+          "bfloat16": "bfloat16"}

@@ -154,6 +154,8 @@ class LLMEngine:
             raise ParamError(f"Request id {request_id!r} is already in use", "request_id")
         text, ids = self.tokenize(prompt)
         self.validate_prompt(ids)
+        if params is not None and any(not 0 <= t < self.vocab_size for t in params.stop_token_ids):
+            raise ParamError(f"stop_token_ids must be token ids below {self.vocab_size}", "stop_token_ids")
         params = (params or SamplingParams()).resolve(self.generation_config)
         req = _Request(request_id, text, ids, params, [], [], [[] for _ in range(params.n)], [0.0] * params.n)
         for i in range(params.n):
@@ -273,7 +275,9 @@ class LLMEngine:
                 "prefix_cache_queries": s.prefix_cache_queries, "prefix_cache_hits": s.prefix_cache_hits,
                 "prompt_tokens": self.num_prompt_tokens, "generation_tokens": self.num_generation_tokens,
                 "spec_decode_num_drafts": s.spec_num_drafts, "spec_decode_num_draft_tokens": s.spec_num_draft_tokens,
-                "spec_decode_num_accepted_tokens": s.spec_num_accepted_tokens}
+                "spec_decode_num_accepted_tokens": s.spec_num_accepted_tokens,
+                "spec_decode_acceptance_rate": s.spec_num_accepted_tokens / max(1, s.spec_num_draft_tokens),
+                "spec_decode_mean_accepted_length": s.spec_num_accepted_tokens / max(1, s.spec_num_drafts)}
 
 
 def _read_generation_config(model_dir: str) -> dict:

@@ -50,6 +50,7 @@ class SamplingParams:
                "min_tokens must be less than or equal to max_tokens", "min_tokens")
         _check(all(self.stop), "stop cannot contain an empty string", "stop")
         _check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]", "logprobs")
+        _check(self.seed is None or -2**63 <= self.seed < 2**64, "seed must fit in 64 bits", "seed")
 
     def resolve(self, generation_config: dict) -> "SamplingParams":
         """Fill unset fields from the model's generation_config, then from OpenAI's defaults."""

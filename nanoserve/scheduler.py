@@ -230,7 +230,8 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_computed_tokens + self._num_draft_slots(seq), budget)
             while self.block_manager.blocks_needed(seq, n) > self.block_manager.num_free_blocks:
                 preempted = True
-                victim = next(s for s in reversed(self.running) if all(s is not x.seq for x in scheduled))
+                taken = {x.seq.seq_id for x in scheduled}
+                victim = next(s for s in reversed(self.running) if s.seq_id not in taken)
                 self._preempt(victim)
                 if victim is seq:
                     break

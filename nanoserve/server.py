@@ -7,6 +7,7 @@ The same streams feed the Prometheus histograms served at /metrics.
 """
 import asyncio
 import hmac
+import itertools
 import json
 import time
 import uuid
@@ -22,6 +23,7 @@ from starlette.routing import Route
 from . import __version__
 from .async_engine import AsyncLLMEngine, RequestStream
 from .engine import Logprob, RequestOutput
+from .metrics import Metrics
 from .sampling import ParamError, SamplingParams
 
 ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError"}
@@ -30,9 +32,6 @@ SAMPLING_FIELDS = {"n": int, "temperature": float, "top_p": float, "top_k": int,
                    "presence_penalty": float, "frequency_penalty": float, "repetition_penalty": float,
                    "min_tokens": int, "include_stop_str_in_output": bool, "ignore_eos": bool,
                    "skip_special_tokens": bool}
-TIME_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
-TOKEN_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000]
 
 
 class APIError(Exception):
@@ -112,10 +111,13 @@ class OpenAIServer:
         return JSONResponse({"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids})
 
     async def detokenize(self, request: Request) -> JSONResponse:
-        ids = _token_ids(_required(await _json_body(request), "tokens"), "tokens")
-        if any(not 0 <= t < self.core.vocab_size for t in ids):
-            raise APIError(f"Token ids must be in [0, {self.core.vocab_size})", param="tokens")
+        ids = self._vocab_ids((await _json_body(request)).get("tokens"), "tokens")
         return JSONResponse({"prompt": self.tokenizer.decode(ids)})
+
+    def _vocab_ids(self, ids, name: str) -> list[int]:
+        if not _all(ids, int) or any(not 0 <= t < self.core.vocab_size for t in ids):
+            raise APIError(f"{name} must be a list of token ids in [0, {self.core.vocab_size})", param=name)
+        return ids
 
     async def completions(self, request: Request) -> Response:
         body = await _json_body(request)
@@ -170,7 +172,9 @@ class OpenAIServer:
         stop = body.get("stop")
         if stop is not None and not (isinstance(stop, str) or _all(stop, str)):
             raise APIError("stop must be a string or a list of strings", param="stop")
-        fields.update(stop=stop, stop_token_ids=_token_ids(body.get("stop_token_ids") or [], "stop_token_ids"))
+        fields.update(stop=stop, stop_token_ids=self._vocab_ids(body.get("stop_token_ids") or [], "stop_token_ids"))
+        if fields["seed"] is not None and not -2**63 <= fields["seed"] < 2**64:  # torch's range; else the step fails
+            raise APIError("seed must fit in 64 bits", param="seed")
         requested = _get(body, "max_completion_tokens", int, None)
         requested = requested if requested is not None else _get(body, "max_tokens", int, None)
         if requested is not None and prompt_len + requested > self.max_model_len:
@@ -192,11 +196,11 @@ class OpenAIServer:
         if stream:
             events = self._events(streams, render, meta, bool((options or {}).get("include_usage")))
             return StreamingResponse(events, media_type="text/event-stream",
-                                     background=BackgroundTask(_close_all, streams))
+                                     background=BackgroundTask(self._close, streams))
         try:
             finals = await _unless_disconnected(request, self._collect(streams))
         finally:
-            await _close_all(streams)
+            await self._close(streams)
         if finals is None:  # the client is gone; nobody reads this
             return Response(status_code=499)
         choices = [render.choice(i * render.n + o.index, i, o) for i, out in enumerate(finals) for o in out.outputs]
@@ -208,9 +212,16 @@ class OpenAIServer:
             for i, ((text, ids), p) in enumerate(zip(prompts, params)):
                 streams.append(await self.engine.generate({"prompt_token_ids": ids}, p, f"{request_id}-{i}"))
         except BaseException:  # a later prompt failed: the earlier ones must not keep running
-            await _close_all(streams)
+            await self._close(streams)
             raise
         return streams
+
+    async def _close(self, streams: list[RequestStream]) -> None:
+        """Abort what has not finished (the client left, or another prompt failed); safe to repeat."""
+        for stream in streams:
+            if not stream.finished:
+                self.registry.count_abort()
+            await stream.aclose()
 
     async def _collect(self, streams: list[RequestStream]) -> list[RequestOutput]:
         finals = [None] * len(streams)
@@ -239,7 +250,7 @@ class OpenAIServer:
     async def _events(self, streams, render, meta: dict, include_usage: bool):
         chunk = {**meta, "object": render.chunk_object}
         try:
-            for choices in render.opening(len(streams)):
+            for choices in render.opening():
                 yield _sse({**chunk, "choices": choices})
             finals = [None] * len(streams)
             async for i, out in self._merged(streams):
@@ -252,80 +263,74 @@ class OpenAIServer:
         except Exception as exc:  # headers are sent: the error can only travel as an event
             yield _sse(error_body(str(exc), 400 if isinstance(exc, ValueError) else 500))
         finally:
-            await _close_all(streams)
+            await self._close(streams)
         yield "data: [DONE]\n\n"
 
 
-class CompletionRender:
-    """/v1/completions: choices with `text` and the legacy logprobs layout."""
-    object = chunk_object = "text_completion"
+class Render:
+    """Turns one endpoint's engine outputs into response choices (`choice`) or stream chunks (`deltas`)."""
 
-    def __init__(self, tokenizer, prompts, echo: bool, n: int):
-        self.n, self.sent = n, {}  # choice index -> (characters sent, tokens sent, text offset)
-        self.prefixes = [(text if text is not None else tokenizer.decode(ids)) if echo else "" for text, ids in prompts]
+    def __init__(self, n: int):
+        self.n, self.sent = n, {}  # choice index -> (characters, tokens) already streamed; -1: finished
 
-    def opening(self, num_prompts: int):
+    def opening(self):
         return []
-
-    def choice(self, index: int, prompt_index: int, o) -> dict:
-        prefix = self.prefixes[prompt_index]
-        logprobs = _legacy_logprobs(o.logprobs, o.token_ids, len(prefix)) if o.logprobs is not None else None
-        return {"index": index, "text": prefix + o.text, "logprobs": logprobs, "finish_reason": o.finish_reason,
-                "stop_reason": o.stop_reason}
 
     def deltas(self, prompt_index: int, out: RequestOutput) -> list[dict]:
         choices = []
         for o in out.outputs:
-            index, prefix = prompt_index * self.n + o.index, self.prefixes[prompt_index]
-            first = index not in self.sent
-            chars, tokens, offset = self.sent.get(index, (0, 0, len(prefix)))
-            if chars < 0:  # this choice already finished
-                continue
+            index = prompt_index * self.n + o.index
+            chars, tokens = self.sent.get(index, (0, 0))
             text, new_tokens = o.text[chars:], o.token_ids[tokens:]
-            if not (text or o.finish_reason or (o.logprobs is not None and new_tokens)):
+            if chars < 0 or not (text or o.finish_reason or (o.logprobs is not None and new_tokens)):
                 continue
-            logprobs = (_legacy_logprobs(o.logprobs[tokens:len(o.token_ids)], new_tokens, offset)
-                        if o.logprobs is not None else None)
-            text = prefix + text if first else text
-            offset += sum(len(t) for t in (logprobs or {}).get("tokens", []))
-            self.sent[index] = (-1 if o.finish_reason else len(o.text), len(o.token_ids), offset)
-            choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": o.finish_reason,
-                            "stop_reason": o.stop_reason})
+            entries = o.logprobs[tokens:len(o.token_ids)] if o.logprobs is not None else None  # a live list
+            choices.append(self.delta(index, prompt_index, index not in self.sent, text, entries, new_tokens, o))
+            self.sent[index] = (-1 if o.finish_reason else len(o.text), len(o.token_ids))
         return choices
 
 
-class ChatRender:
-    """/v1/chat/completions: an assistant message; streams open with a role chunk per choice."""
+class CompletionRender(Render):
+    """/v1/completions: `text` (after the prompt with `echo`) and the legacy logprobs layout."""
+    object = chunk_object = "text_completion"
+
+    def __init__(self, tokenizer, prompts, echo: bool, n: int):
+        super().__init__(n)
+        self.prefixes = [(text if text is not None else tokenizer.decode(ids)) if echo else "" for text, ids in prompts]
+        self.offsets = {}  # choice index -> characters streamed so far, for logprobs' text_offset
+
+    def choice(self, index: int, prompt_index: int, o) -> dict:
+        return self.delta(index, prompt_index, True, o.text, o.logprobs, o.token_ids, o)
+
+    def delta(self, index, prompt_index, first, text, entries, token_ids, o) -> dict:
+        prefix = self.prefixes[prompt_index] if first else ""
+        offset = self.offsets.get(index, 0) + len(prefix)
+        logprobs = _legacy_logprobs(entries, token_ids, offset) if entries is not None else None
+        self.offsets[index] = offset + len(text)
+        return {"index": index, "text": prefix + text, "logprobs": logprobs, "finish_reason": o.finish_reason,
+                "stop_reason": o.stop_reason}
+
+
+class ChatRender(Render):
+    """/v1/chat/completions: an assistant message; a stream opens with a role chunk per choice."""
     object, chunk_object = "chat.completion", "chat.completion.chunk"
 
     def __init__(self, n: int, top_logprobs: int):
-        self.n, self.top, self.sent = n, top_logprobs, {}  # choice index -> (characters, tokens) sent
+        super().__init__(n)
+        self.top = top_logprobs
 
-    def opening(self, num_prompts: int):
-        for i in range(self.n):
-            yield [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                    "finish_reason": None}]
+    def opening(self):
+        return [[{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                  "finish_reason": None}] for i in range(self.n)]
 
     def choice(self, index: int, prompt_index: int, o) -> dict:
         return {"index": index, "message": {"role": "assistant", "content": o.text},
                 "logprobs": self._logprobs(o.logprobs, o.token_ids), "finish_reason": o.finish_reason,
                 "stop_reason": o.stop_reason}
 
-    def deltas(self, prompt_index: int, out: RequestOutput) -> list[dict]:
-        choices = []
-        for o in out.outputs:
-            chars, tokens = self.sent.get(o.index, (0, 0))
-            if chars < 0:
-                continue
-            text, new_tokens = o.text[chars:], o.token_ids[tokens:]
-            if not (text or o.finish_reason or (o.logprobs is not None and new_tokens)):
-                continue
-            self.sent[o.index] = (-1 if o.finish_reason else len(o.text), len(o.token_ids))
-            logprobs = (self._logprobs(o.logprobs[tokens:len(o.token_ids)], new_tokens)
-                        if o.logprobs is not None else None)
-            choices.append({"index": o.index, "delta": {"content": text}, "logprobs": logprobs,
-                            "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
-        return choices
+    def delta(self, index, prompt_index, first, text, entries, token_ids, o) -> dict:
+        return {"index": index, "delta": {"content": text}, "logprobs": self._logprobs(entries, token_ids),
+                "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
 
     def _logprobs(self, entries, token_ids) -> dict | None:
         if entries is None:
@@ -345,7 +350,7 @@ def _chat_token(lp: Logprob) -> dict:
 
 def _legacy_logprobs(entries, token_ids, offset: int) -> dict:
     tokens = [entry[t].decoded_token or "" for entry, t in zip(entries, token_ids)]
-    offsets = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=offset))[:len(tokens)]
     return {"text_offset": offsets, "tokens": tokens,
             "token_logprobs": [_finite(entry[t].logprob) for entry, t in zip(entries, token_ids)],
             "top_logprobs": [{lp.decoded_token: _finite(lp.logprob) for lp in entry.values()} for entry in entries]}
@@ -362,12 +367,7 @@ def _usage(finals: list[RequestOutput]) -> dict:
 
 
 def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, allow_nan=False)}\n\n"
-
-
-async def _close_all(streams: list[RequestStream]) -> None:
-    for stream in streams:
-        await stream.aclose()
+    return f"data: {json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(',', ':'))}\n\n"
 
 
 async def _unless_disconnected(request: Request, work):
@@ -395,12 +395,6 @@ async def _json_body(request: Request) -> dict:
     return body
 
 
-def _required(body: dict, name: str):
-    if name not in body:
-        raise APIError(f"{name} is required", param=name)
-    return body[name]
-
-
 def _get(body: dict, name: str, kind: type, default):
     """body[name] checked against a JSON type (int is not bool; float accepts int); None means unset."""
     value = body.get(name)
@@ -414,12 +408,6 @@ def _get(body: dict, name: str, kind: type, default):
 
 def _all(values, kind) -> bool:
     return isinstance(values, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in values)
-
-
-def _token_ids(values, name: str) -> list[int]:
-    if not _all(values, int):
-        raise APIError(f"{name} must be a list of token ids", param=name)
-    return values
 
 
 def _completion_prompts(prompt) -> list:
@@ -438,62 +426,3 @@ def _flatten_content(message: dict) -> dict:
     if isinstance(content, list):
         content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
     return {**message, "content": content if content is not None else ""}
-
-
-class Histogram:
-    def __init__(self, buckets: list[float]):
-        self.buckets, self.counts, self.sum, self.count = buckets, [0] * len(buckets), 0.0, 0
-
-    def observe(self, value: float) -> None:
-        self.sum, self.count = self.sum + value, self.count + 1
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1  # cumulative, as Prometheus buckets are
-
-
-class Metrics:
-    """vLLM's metric names (prefix `vllm:`, label model_name); gauges and counters come from the engine's stats,
-    histograms from the request streams' timings."""
-    GAUGES = ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"]
-    COUNTERS = ["prompt_tokens", "generation_tokens", "num_preemptions", "prefix_cache_queries", "prefix_cache_hits",
-                "spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens"]
-
-    def __init__(self, model_name: str):
-        escaped = model_name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        self.label = f'model_name="{escaped}"'
-        self.success: dict[str, int] = {}
-        self.histograms = {name: Histogram(TIME_BUCKETS) for name in (
-            "time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
-            "request_queue_time_seconds")}
-        self.histograms.update({name: Histogram(TOKEN_BUCKETS) for name in (
-            "request_prompt_tokens", "request_generation_tokens")})
-
-    def observe(self, stream: RequestStream, out: RequestOutput) -> None:
-        h, times = self.histograms, stream.token_times
-        h["time_to_first_token_seconds"].observe(times[0] - stream.arrival_time)
-        for before, after in zip(times, times[1:]):
-            h["inter_token_latency_seconds"].observe(after - before)
-        h["e2e_request_latency_seconds"].observe(times[-1] - stream.arrival_time)
-        h["request_queue_time_seconds"].observe((stream.scheduled_time or times[0]) - stream.arrival_time)
-        h["request_prompt_tokens"].observe(len(out.prompt_token_ids))
-        h["request_generation_tokens"].observe(sum(len(o.token_ids) for o in out.outputs))
-        for o in out.outputs:
-            self.success[o.finish_reason] = self.success.get(o.finish_reason, 0) + 1
-
-    def render(self, stats: dict) -> str:
-        lines = []
-        for name in self.GAUGES:
-            lines += [f"# TYPE vllm:{name} gauge", f"vllm:{name}{{{self.label}}} {float(stats[name])}"]
-        for name in (n for n in self.COUNTERS if n in stats):  # spec-decode counters appear once the engine has them
-            lines += [f"# TYPE vllm:{name} counter", f"vllm:{name}_total{{{self.label}}} {float(stats[name])}"]
-        lines.append("# TYPE vllm:request_success counter")
-        for reason in sorted({"stop", "length", "abort"} | set(self.success)):
-            lines.append(f'vllm:request_success_total{{finished_reason="{reason}",{self.label}}} '
-                         f"{float(self.success.get(reason, 0))}")
-        for name, h in self.histograms.items():
-            lines.append(f"# TYPE vllm:{name} histogram")
-            for bound, count in zip(h.buckets + ["+Inf"], h.counts + [h.count]):
-                le = bound if bound == "+Inf" else float(bound)
-                lines.append(f'vllm:{name}_bucket{{le="{le}",{self.label}}} {float(count)}')
-            lines += [f"vllm:{name}_sum{{{self.label}}} {h.sum}", f"vllm:{name}_count{{{self.label}}} {float(h.count)}"]
-        return "\n".join(lines) + "\n"
