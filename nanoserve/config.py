@@ -42,10 +42,10 @@ class EngineConfig:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.speculative_config is not None:
-            self._check_speculative_config(self.speculative_config)
+            self.speculative_config = self._check_speculative_config(dict(self.speculative_config))
 
     @staticmethod
-    def _check_speculative_config(spec: dict) -> None:
+    def _check_speculative_config(spec: dict) -> dict:
         """vLLM's form: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 5,
         "prompt_lookup_min": 2} or {"model": draft_path, "num_speculative_tokens": k}."""
         method = spec.get("method", "draft_model" if spec.get("model") else None)
@@ -56,9 +56,15 @@ class EngineConfig:
         k = spec.get("num_speculative_tokens")
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"speculative_config num_speculative_tokens must be a positive integer, got {k!r}")
-        low, high = spec.get("prompt_lookup_min", 1), spec.get("prompt_lookup_max", 1)
-        if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high):
-            raise ValueError("speculative_config needs 1 <= prompt_lookup_min <= prompt_lookup_max")
+        if method == "ngram":  # as in vLLM, a bound that is not given takes the other's value
+            low, high = spec.get("prompt_lookup_min"), spec.get("prompt_lookup_max")
+            if low is None and high is None:
+                low, high = 2, 5
+            low, high = (high if low is None else low), (low if high is None else high)
+            if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high):
+                raise ValueError("speculative_config needs 1 <= prompt_lookup_min <= prompt_lookup_max")
+            spec.update(prompt_lookup_min=low, prompt_lookup_max=high)
+        return spec
 
     # torch is imported where it is used, so the CLI can parse arguments (and print --help) without loading it.
     @property

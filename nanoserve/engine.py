@@ -124,8 +124,7 @@ class LLMEngine:
             return None
         k = spec["num_speculative_tokens"]
         if spec.get("method") == "ngram":
-            high = spec.get("prompt_lookup_max", 5)
-            return NgramProposer(k, spec.get("prompt_lookup_min", min(2, high)), high)
+            return NgramProposer(k, spec["prompt_lookup_min"], spec["prompt_lookup_max"])
         # The draft's cache gets the target's block count: the two share block tables (see DraftModelProposer).
         draft_config = replace(self.config, model=spec["model"], tokenizer=None, speculative_config=None,
                                num_gpu_blocks_override=self.runner.num_blocks)
@@ -235,10 +234,10 @@ class LLMEngine:
         ended = last and seq.finish_reason is not None  # by a token rule, in the scheduler
         delta = "" if ended and seq.finish_reason == "stop" and not p.include_stop_str_in_output else detok.add(token)
         if ended:
-            detok.flush()
-            return False
-        # Like stop tokens, stop strings count only from min_tokens on.
-        return bool(p.stop) and num_output >= p.min_tokens and self._check_stop_strings(seq, detok, p, len(delta))
+            delta += detok.flush()
+        # As in vLLM, stop strings count only once more than min_tokens tokens exist (stop tokens are masked
+        # up to the min_tokens-th token, so they too can first end the sequence at token min_tokens + 1).
+        return bool(p.stop) and num_output > p.min_tokens and self._check_stop_strings(seq, detok, p, len(delta))
 
     def _check_stop_strings(self, seq: Sequence, detok: Detokenizer, p: SamplingParams, delta_len: int) -> bool:
         for stop in p.stop:
@@ -246,7 +245,10 @@ class LLMEngine:
             at = detok.text.find(stop, max(0, len(detok.text) - delta_len - len(stop) + 1))
             if at != -1:
                 detok.text = detok.text[:at + (len(stop) if p.include_stop_str_in_output else 0)]
-                self.scheduler.finish(seq, "stop", stop)
+                if seq.finish_reason is None:
+                    self.scheduler.finish(seq, "stop", stop)
+                else:  # the same step also hit a token limit; the stop string came first
+                    seq.finish_reason, seq.stop_reason = "stop", stop
                 return True
         return False
 

@@ -132,7 +132,8 @@ def target_probs(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tenso
 
 
 def _penalize(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
-    logits = _apply_penalties(logits, rows)
+    """Penalties and banned tokens, on a copy: the caller's raw logits still serve for logprobs."""
+    logits = _apply_penalties(logits.to(torch.float32, copy=True), rows)
     for i, row in enumerate(rows):
         if row.banned_token_ids:
             logits[i, row.banned_token_ids] = float("-inf")

@@ -119,16 +119,16 @@ class BlockManager:
             self.ref_counts[block] = 1
             seq.block_table.append(block)
 
-    def commit(self, seq: Sequence) -> None:
-        """Register the blocks that became full and computed, so that later sequences can reuse them."""
+    def commit(self, seq: Sequence, num_tokens: int) -> None:
+        """Register the blocks that the first `num_tokens` tokens fill, so later sequences can reuse them."""
         if not self.enable_prefix_caching:
             return
-        for i in range(seq.num_committed_blocks, seq.num_computed_tokens // self.block_size):
+        for i in range(seq.num_committed_blocks, num_tokens // self.block_size):
             block, h = seq.block_table[i], self._block_hash(seq, i)
             if h not in self.block_of_hash:  # a duplicate of a cached block stays private
                 self.block_of_hash[h] = block
                 self.hash_of_block[block] = h
-        seq.num_committed_blocks = max(seq.num_committed_blocks, seq.num_computed_tokens // self.block_size)
+        seq.num_committed_blocks = max(seq.num_committed_blocks, num_tokens // self.block_size)
 
     def trim(self, seq: Sequence) -> None:
         """Give back blocks reserved for drafts that were rejected: keep those the known tokens need."""
@@ -309,23 +309,33 @@ class Scheduler:
             tokens = [] if tokens is None else [tokens] if isinstance(tokens, int) else tokens
             # Rejected drafts' K/V stay in their slots as garbage, past num_computed_tokens: overwritten later.
             num_rejected = len(item.draft_token_ids) - max(0, len(tokens) - 1) if tokens else 0
-            seq.num_computed_tokens = item.start + item.num_new_tokens - num_rejected
-            seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed_tokens)
-            self.block_manager.commit(seq)
             if item.draft_token_ids:
                 self.spec_num_drafts += 1
                 self.spec_num_draft_tokens += len(item.draft_token_ids)
                 self.spec_num_accepted_tokens += len(item.draft_token_ids) - num_rejected
+            reason = None
             for token in tokens:
                 seq.token_ids.append(token)
                 reason = self._stop_reason(seq, token)
                 if reason is not None:
-                    self.finish(seq, *reason)
-                    finished.append(seq)
-                    break
+                    break  # tokens after a stop are dropped, and so is their K/V
+            seq.num_computed_tokens = min(item.start + item.num_new_tokens - num_rejected, seq.num_tokens)
+            seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed_tokens)
+            # After the tokens are appended: a block filled by accepted drafts is hashed from its whole content.
+            self.block_manager.commit(seq, self._cached_upto(seq))
+            if reason is not None:
+                self.finish(seq, *reason)
+                finished.append(seq)
             else:
                 self.block_manager.trim(seq)
         return finished
+
+    def _cached_upto(self, seq: Sequence) -> int:
+        """Tokens whose K/V every cache holds: a draft model's cache lags the target's by a token or two, and a
+        block enters the prefix cache only once both are complete, so a later hit can trust both."""
+        if getattr(self.proposer, "has_kv_cache", False):
+            return min(seq.num_computed_tokens, seq.num_draft_computed)
+        return seq.num_computed_tokens
 
     def _stop_reason(self, seq: Sequence, token: int) -> tuple[str, int | None] | None:
         p = seq.params
@@ -395,6 +405,8 @@ class DraftModelProposer:
     tokens as block b of the target cache. So the target's block tables, prefix cache, preemption and rollback
     keep both caches in step, and `Sequence.num_draft_computed` only tracks how far the draft has caught up.
     `runner.greedy_next(batch)` (the runner's job: it owns the model) returns the draft's argmax per item."""
+
+    has_kv_cache = True  # the scheduler caches a block only once the draft's K/V for it are complete too
 
     def __init__(self, runner, num_speculative_tokens: int):
         self.runner, self.k = runner, num_speculative_tokens
