@@ -25,7 +25,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64: block * block_size + offset of each new token
     block_size: int
     # Derived once per step (not per layer) by the reference backend.
-    decode_rows: torch.Tensor | None = None  # sequences batched into one padded decode call
+    decode_tokens: torch.Tensor | None = None  # query tokens of the decodes batched into one padded call
+    decode_tables: torch.Tensor | None = None  # their block tables
     decode_mask: torch.Tensor | None = None  # [decodes, width]: which gathered slots hold real tokens
     chunk_masks: dict | None = None  # sequence -> causal mask of its chunk (None: plain causal, no cache)
 
@@ -53,10 +54,10 @@ class ReferenceAttention:
         decode = [i for i, q in enumerate(qlens) if q == 1]
         device = meta.block_tables.device
         if len(decode) > 1:
-            rows = torch.tensor(decode, device=device)
             lens = torch.tensor([meta.seq_lens[i] for i in decode], device=device)
             width = meta.block_tables.shape[1] * meta.block_size
-            meta.decode_rows = rows
+            meta.decode_tokens = torch.tensor([meta.query_start_loc[i] for i in decode], device=device)
+            meta.decode_tables = meta.block_tables[torch.tensor(decode, device=device)]
             meta.decode_mask = torch.arange(width, device=device)[None, :] < lens[:, None]  # [B, width]
         else:
             decode = []
@@ -76,7 +77,7 @@ class ReferenceAttention:
         """q: [T, H, D]; k, v: [T, Hkv, D]; returns [T, H, D]."""
         write_kv(kv_cache, k, v, meta)
         out = torch.empty_like(q)
-        if meta.decode_rows is not None:
+        if meta.decode_tokens is not None:
             self._decode_batch(q, kv_cache, meta, out)
         for i, mask in meta.chunk_masks.items():
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
@@ -96,9 +97,8 @@ class ReferenceAttention:
         return self._sdpa(q, k, v, mask, is_causal=mask is None).squeeze(0).transpose(0, 1)
 
     def _decode_batch(self, q, kv_cache, meta, out):
-        rows = meta.decode_rows
-        token_index = torch.tensor(meta.query_start_loc[:-1], device=q.device)[rows]
-        k, v = self._gather(kv_cache, meta.block_tables[rows])  # [B, width, Hkv, D]
+        token_index = meta.decode_tokens
+        k, v = self._gather(kv_cache, meta.decode_tables)  # [B, width, Hkv, D]
         qb = q[token_index].unsqueeze(2)  # [B, H, 1, D]
         mask = meta.decode_mask[:, None, None, :]  # [B, 1, 1, width]
         out[token_index] = self._sdpa(qb, k.transpose(1, 2), v.transpose(1, 2), mask).squeeze(2)

@@ -134,22 +134,21 @@ class BlockManager:
         """Give back blocks reserved for drafts that were rejected: keep those the known tokens need."""
         keep = -(-seq.num_tokens // self.block_size)
         while len(seq.block_table) > keep:
-            block = seq.block_table.pop()
-            self.ref_counts[block] -= 1
-            if self.ref_counts[block] == 0:
-                self.free[block] = None
-                self.free.move_to_end(block, last=False)
+            self._release(seq.block_table.pop())
 
     def free_blocks(self, seq: Sequence) -> None:
         # Tail blocks first, so the end of a sequence is evicted before the prefix others are likely to share.
         for block in reversed(seq.block_table):
-            self.ref_counts[block] -= 1
-            if self.ref_counts[block] == 0:
-                self.free[block] = None
-                if self.hash_of_block[block] is None:  # holds nothing reusable: hand it out first
-                    self.free.move_to_end(block, last=False)
+            self._release(block)
         seq.block_table = []
         seq.num_committed_blocks = 0
+
+    def _release(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            self.free[block] = None
+            if self.hash_of_block[block] is None:  # holds nothing reusable: hand it out first
+                self.free.move_to_end(block, last=False)
 
     def _block_hash(self, seq: Sequence, index: int) -> int:
         while len(seq.block_hashes) <= index:
@@ -297,16 +296,15 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def update(self, batch: Batch, sampled: list) -> list[Sequence]:
-        """Record a finished step: `sampled[i]` holds the new tokens of `batch.scheduled[i]`: a list (the
-        accepted drafts and one new token under speculation), a single token, or None for a prompt chunk that
-        does not sample. Returns the sequences that finished by a token rule."""
+    def update(self, batch: Batch, sampled: list[list[int]]) -> list[Sequence]:
+        """Record a finished step: `sampled[i]` holds the new tokens of `batch.scheduled[i]`: none for a prompt
+        chunk that does not sample, one for a decode, the kept drafts and one new token under speculation.
+        Returns the sequences that finished by a token rule."""
         finished = []
         for item, tokens in zip(batch.scheduled, sampled):
             seq = item.seq
             if seq.status is not SeqStatus.RUNNING:
                 continue  # aborted while the step ran
-            tokens = [] if tokens is None else [tokens] if isinstance(tokens, int) else tokens
             # Rejected drafts' K/V stay in their slots as garbage, past num_computed_tokens: overwritten later.
             num_rejected = len(item.draft_token_ids) - max(0, len(tokens) - 1) if tokens else 0
             if item.draft_token_ids:

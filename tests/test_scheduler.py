@@ -56,7 +56,7 @@ def event(name):
 def run_step(sched, token=lambda seq: 7):
     """One engine step with a fixed fake sampler; returns the batch."""
     batch = sched.schedule()
-    sampled = [token(item.seq) if item.samples else None for item in batch.scheduled]
+    sampled = [[token(item.seq)] if item.samples else [] for item in batch.scheduled]
     sched.update(batch, sampled)
     return batch
 
@@ -235,13 +235,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         sampled = []
         for it, smp in zip(items, samples):
             if not smp:
-                sampled.append(None)
+                sampled.append([])
             elif it.draft_token_ids:  # the target keeps a prefix of the drafts, then samples one more token
                 kept = len(it.draft_token_ids) if accept_all else rng.randint(0, len(it.draft_token_ids))
                 sampled.append(it.draft_token_ids[:kept] + [rng.choice(OUTPUT_ALPHABET)])
-            else:  # update() takes a plain token or a list of one
-                token = rng.choice(OUTPUT_ALPHABET)
-                sampled.append(token if rng.random() < 0.5 else [token])
+            else:
+                sampled.append([rng.choice(OUTPUT_ALPHABET)])
         before = {id(it.seq): list(it.seq.token_ids) for it in items}
         finished = s.update(batch, sampled)
         self.num_steps += 1
@@ -252,7 +251,6 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert seq.finish_reason == "abort" and seq.token_ids == before[id(seq)]
                 assert seq not in finished
                 continue
-            new = [] if new is None else [new] if isinstance(new, int) else new
             kept, reason, stop_reason = self.expected_stop(seq, before[id(seq)], new)
             assert seq.token_ids == before[id(seq)] + new[:kept]
             assert (seq in finished) == (reason is not None) == (seq.status is SeqStatus.FINISHED)
@@ -507,7 +505,7 @@ def test_tight_pool_preempts_and_recomputes():
         # A preempted sequence comes back computing everything it had (prompt and generated tokens) from 0,
         # and samples only at the end of its known tokens.
         recomputed += [it for it in batch.scheduled if it.start == 0 and it.seq.num_output_tokens > 0]
-        sched.update(batch, [100 + it.seq.num_output_tokens if it.samples else None for it in batch.scheduled])
+        sched.update(batch, [[100 + it.seq.num_output_tokens] if it.samples else [] for it in batch.scheduled])
     assert sched.num_preemptions > 0
     assert recomputed
     for seq in seqs:
