@@ -1,16 +1,21 @@
-"""Paged attention: the step's attention metadata and the pure-PyTorch reference backend.
+"""Paged attention: the step's attention metadata, the attention op the model calls, and the reference backend.
 
 The runner builds one `AttentionMetadata` per step from the scheduler's `Batch`: a ragged batch of query tokens
 (`query_start_loc`), each sequence's total length after this step (`seq_lens`), its block table, and the cache
-slot of every new token (`slot_mapping`). Every attention layer of the model receives it as an argument and
-calls the backend: `forward(q, k, v, kv_cache, meta)` first writes the new K/V into the paged cache through the
-slot mapping, then attends each query token to its sequence's cached keys, causally within the new chunk.
-This is the interface FlashInfer's paged kernels implement on the GPU; the reference backend here is what the
-GPU backend is tested against.
+slot of every new token (`slot_mapping`). It hands it to the attention backend once per step (`prepare`, the
+host-side planning every layer shares); then every attention layer of the model calls `paged_attention(q, k, v,
+layer, backend_id)`, which writes the new K/V into that layer's paged cache through the slot mapping and attends
+each query token to its sequence's cached keys, causally within the new chunk.
 
-KV cache layout, per layer: [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]. K and V are each a
-FlashInfer "NHD" paged cache, and gathering a sequence's blocks gives its keys as one contiguous tensor.
+Two backends implement this: `ReferenceAttention` here (pure PyTorch, the CPU path and the test oracle) and
+`FlashInferAttention` (flashinfer_attention.py, FlashInfer's paged kernels on NVIDIA GPUs).
+
+KV cache layout, all layers in one tensor: [layers, 2 (K, V), num_blocks, block_size, num_kv_heads, head_dim].
+K and V of one layer are each a FlashInfer "NHD" paged cache; gathering a sequence's blocks gives its keys as
+one contiguous tensor.
 """
+import itertools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -19,49 +24,83 @@ import torch.nn.functional as F
 
 @dataclass
 class AttentionMetadata:
+    """One step's attention layout, on the host; each backend turns it into device tensors in `prepare`."""
     query_start_loc: list[int]  # [num_seqs + 1] cumulative query lengths
     seq_lens: list[int]  # [num_seqs] tokens in the cache after this step (context + new)
-    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with 0
-    slot_mapping: torch.Tensor  # [num_tokens] int64: block * block_size + offset of each new token
+    block_tables: list[list[int]]  # [num_seqs][blocks] KV blocks of each sequence
+    slot_mapping: torch.Tensor  # [num_tokens] int64 on the device: block * block_size + offset of each new token
     block_size: int
-    # Derived once per step (not per layer) by the reference backend.
-    decode_tokens: torch.Tensor | None = None  # query tokens of the decodes batched into one padded call
-    decode_tables: torch.Tensor | None = None  # their block tables
-    decode_mask: torch.Tensor | None = None  # [decodes, width]: which gathered slots hold real tokens
-    chunk_masks: dict | None = None  # sequence -> causal mask of its chunk (None: plain causal, no cache)
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens)
 
+    @property
+    def query_lens(self) -> list[int]:
+        return [b - a for a, b in zip(self.query_start_loc, self.query_start_loc[1:])]
 
-def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
-    """Store the new tokens' K and V at their slots with one indexed copy."""
+
+# The model calls attention through a custom op, so torch.compile sees one opaque node per layer and compiles
+# everything between them into one graph (fullgraph=True). A custom op takes only tensors and plain numbers,
+# not the backend object, so backends are registered here and named by an integer id. Weak references: a
+# backend lives as long as its runner.
+_backends: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+_backend_ids = itertools.count()
+
+
+def register_backend(backend) -> int:
+    backend_id = next(_backend_ids)
+    _backends[backend_id] = backend
+    return backend_id
+
+
+@torch.library.custom_op("nanoserve::paged_attention", mutates_args=())
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, backend_id: int) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, Hkv, D]; returns [T, H, D]. Also writes k and v into the layer's KV cache, a
+    side effect the compiler need not know about: nothing in the graph reads the cache except this op."""
+    return _backends[backend_id].forward(q, k, v, layer)
+
+
+@paged_attention.register_fake
+def _(q, k, v, layer, backend_id):
+    return torch.empty_like(q)
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store the new tokens' K and V of one layer ([2, blocks, block_size, Hkv, D]) with one indexed copy."""
     slots = kv_cache.view(2, -1, *kv_cache.shape[-2:])  # [2, num_blocks * block_size, Hkv, D]
-    slots.index_copy_(1, meta.slot_mapping, torch.stack((k, v)).to(kv_cache.dtype))
+    slots.index_copy_(1, slot_mapping, torch.stack((k, v)).to(kv_cache.dtype))
 
 
 class ReferenceAttention:
     """Pure-PyTorch paged attention. Decodes (one query token each) are batched into one padded call; prompt
     chunks run one sequence at a time with a causal mask offset by the tokens already in the cache."""
+    supports_cuda_graphs = False  # prepare() makes new tensors of varying shapes every step
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
 
+    def bind(self, kv_cache: torch.Tensor) -> None:
+        self.kv_cache = kv_cache
+
     def prepare(self, meta: AttentionMetadata) -> None:
-        """Per-step work shared by all layers: the decode rows and their length mask, the chunks' masks."""
-        qlens = [meta.query_start_loc[i + 1] - meta.query_start_loc[i] for i in range(meta.num_seqs)]
+        """Per-step work shared by all layers: block tables on the device, the decode rows and their length
+        mask, the chunks' causal masks."""
+        self.meta, device = meta, self.kv_cache.device
+        width = max((len(t) for t in meta.block_tables), default=0)
+        self.block_tables = torch.tensor([t + [0] * (width - len(t)) for t in meta.block_tables],
+                                         dtype=torch.long, device=device)
+        qlens = meta.query_lens
         decode = [i for i, q in enumerate(qlens) if q == 1]
-        device = meta.block_tables.device
+        self.decode_tokens = None
         if len(decode) > 1:
             lens = torch.tensor([meta.seq_lens[i] for i in decode], device=device)
-            width = meta.block_tables.shape[1] * meta.block_size
-            meta.decode_tokens = torch.tensor([meta.query_start_loc[i] for i in decode], device=device)
-            meta.decode_tables = meta.block_tables[torch.tensor(decode, device=device)]
-            meta.decode_mask = torch.arange(width, device=device)[None, :] < lens[:, None]  # [B, width]
+            self.decode_tokens = torch.tensor([meta.query_start_loc[i] for i in decode], device=device)
+            self.decode_tables = self.block_tables[torch.tensor(decode, device=device)]
+            self.decode_mask = torch.arange(width * meta.block_size, device=device)[None, :] < lens[:, None]
         else:
             decode = []
-        meta.chunk_masks = {i: self._chunk_mask(meta.seq_lens[i], qlens[i], device)
+        self.chunk_masks = {i: self._chunk_mask(meta.seq_lens[i], qlens[i], device)
                             for i in range(meta.num_seqs) if i not in decode}
 
     @staticmethod
@@ -72,16 +111,15 @@ class ReferenceAttention:
         q_pos = torch.arange(seq_len - num_new, seq_len, device=device)[:, None]
         return torch.arange(seq_len, device=device)[None, :] <= q_pos
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """q: [T, H, D]; k, v: [T, Hkv, D]; returns [T, H, D]."""
-        write_kv(kv_cache, k, v, meta)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        kv_cache, meta = self.kv_cache[layer], self.meta
+        write_kv(kv_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
-        if meta.decode_tokens is not None:
-            self._decode_batch(q, kv_cache, meta, out)
-        for i, mask in meta.chunk_masks.items():
+        if self.decode_tokens is not None:
+            self._decode_batch(q, kv_cache, out)
+        for i, mask in self.chunk_masks.items():
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-            out[start:end] = self._one_sequence(q[start:end], kv_cache, meta, i, mask)
+            out[start:end] = self._one_sequence(q[start:end], kv_cache, i, mask)
         return out
 
     def _gather(self, kv_cache: torch.Tensor, block_table: torch.Tensor):
@@ -89,18 +127,18 @@ class ReferenceAttention:
         kv = kv_cache.index_select(1, block_table.flatten())  # [2, rows * blocks, block_size, Hkv, D]
         return kv.view(2, *block_table.shape[:-1], -1, *kv_cache.shape[-2:]).unbind(0)
 
-    def _one_sequence(self, q, kv_cache, meta, i, mask):
-        seq_len = meta.seq_lens[i]
-        k, v = self._gather(kv_cache, meta.block_tables[i, :-(-seq_len // meta.block_size)])
+    def _one_sequence(self, q, kv_cache, i, mask):
+        seq_len = self.meta.seq_lens[i]
+        k, v = self._gather(kv_cache, self.block_tables[i, :-(-seq_len // self.meta.block_size)])
         k, v = k[:seq_len], v[:seq_len]
         q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, heads, tokens, D]: the fused kernel's shape
         return self._sdpa(q, k, v, mask, is_causal=mask is None).squeeze(0).transpose(0, 1)
 
-    def _decode_batch(self, q, kv_cache, meta, out):
-        token_index = meta.decode_tokens
-        k, v = self._gather(kv_cache, meta.decode_tables)  # [B, width, Hkv, D]
+    def _decode_batch(self, q, kv_cache, out):
+        token_index = self.decode_tokens
+        k, v = self._gather(kv_cache, self.decode_tables)  # [B, width, Hkv, D]
         qb = q[token_index].unsqueeze(2)  # [B, H, 1, D]
-        mask = meta.decode_mask[:, None, None, :]  # [B, 1, 1, width]
+        mask = self.decode_mask[:, None, None, :]  # [B, 1, 1, width]
         out[token_index] = self._sdpa(qb, k.transpose(1, 2), v.transpose(1, 2), mask).squeeze(2)
 
     def _sdpa(self, q, k, v, mask, is_causal=False):

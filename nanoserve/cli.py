@@ -79,6 +79,12 @@ def build_parser(command: str) -> Parser:
     e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, help="reuse KV blocks of "
                    "shared prompt prefixes (default: on)")
     e.add_argument("--speculative-config", type=json.loads, metavar="JSON", help="speculative decoding, as JSON")
+    e.add_argument("--compilation-config", "-O", type=json.loads, metavar="JSON", help="torch.compile and CUDA "
+                   "graphs, as JSON: {\"mode\": 0|3, \"cudagraph_mode\": \"NONE\"|\"FULL_DECODE_ONLY\", "
+                   "\"cudagraph_capture_sizes\": [...]}")
+    e.add_argument("--attention-backend", choices=["auto", "torch", "flashinfer"],
+                   help="auto: flashinfer on a GPU in bf16/fp16, else torch")
+    e.add_argument("--load-format", choices=["auto", "dummy"], help="dummy: random weights (benchmarks)")
     e.add_argument("--generation-config", default="auto", metavar="SRC", help="sampling defaults: 'auto' (the model's "
                    "generation_config.json), 'vllm' (none) or a directory (default: auto)")
     e.add_argument("--chat-template", metavar="TEMPLATE",
@@ -207,7 +213,8 @@ def engine_config(args) -> EngineConfig:
     if (args.tensor_parallel_size or 1) != 1:
         raise ValueError("Only --tensor-parallel-size 1 is supported")
     names = ["tokenizer", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "dtype",
-             "device", "seed", "gpu_memory_utilization", "enable_prefix_caching", "speculative_config"]
+             "device", "seed", "gpu_memory_utilization", "enable_prefix_caching", "speculative_config",
+             "compilation_config", "attention_backend", "load_format"]
     kwargs = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     served = getattr(args, "served_model_name", None) or model or DEFAULT_MODEL_NAME
     return EngineConfig(model=model, enforce_eager=args.enforce_eager, served_model_name=served, **kwargs)

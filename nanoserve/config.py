@@ -19,7 +19,14 @@ class EngineConfig:
     dtype: str = "auto"  # "auto": bfloat16 on GPU, float32 on CPU
     device: str = "auto"  # "auto": cuda if available, else cpu
     seed: int = 0
-    enforce_eager: bool = False  # GPU only: no torch.compile, no CUDA graphs
+    enforce_eager: bool = False  # no torch.compile, no CUDA graphs (same as compilation_config={"mode": 0})
+    # vLLM's names: "mode" 3 compiles the model with torch.compile, 0 runs it eagerly; "cudagraph_mode"
+    # "FULL_DECODE_ONLY" replays decode steps from CUDA graphs captured at "cudagraph_capture_sizes".
+    # Default: both on a GPU, neither on CPU.
+    compilation_config: dict | None = None
+    attention_backend: str = "auto"  # "auto": "flashinfer" on a GPU in bf16/fp16, else "torch" (the reference)
+    load_format: str = "auto"  # "auto": read the checkpoint; "dummy": random weights (benchmarking a shape)
+    skip_tokenizer_init: bool = False  # no tokenizer: prompts must be token ids and outputs carry no text
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: int | None = None  # CPU default: 2 GiB; overrides gpu_memory_utilization
     num_gpu_blocks_override: int | None = None  # fix the KV pool size (tests use it to force preemption)
@@ -43,6 +50,47 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.speculative_config is not None:
             self.speculative_config = self._check_speculative_config(dict(self.speculative_config))
+        for name, allowed in [("attention_backend", ("auto", "torch", "flashinfer")), ("load_format", ("auto", "dummy"))]:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        self.compilation_config = self._check_compilation_config(dict(self.compilation_config or {}))
+
+    def _check_compilation_config(self, cc: dict) -> dict:
+        unknown = set(cc) - {"mode", "cudagraph_mode", "cudagraph_capture_sizes"}
+        if unknown:
+            raise ValueError(f"compilation_config has unknown keys {sorted(unknown)}")
+        if cc.get("mode", 3) not in (0, 3):
+            raise ValueError(f"compilation_config mode must be 0 (eager) or 3 (torch.compile), got {cc['mode']!r}")
+        if cc.get("cudagraph_mode", "NONE") not in ("NONE", "FULL_DECODE_ONLY"):
+            raise ValueError("compilation_config cudagraph_mode must be \"NONE\" or \"FULL_DECODE_ONLY\"")
+        sizes = cc.get("cudagraph_capture_sizes")
+        if sizes is not None and not (isinstance(sizes, list) and sizes and
+                                      all(isinstance(n, int) and n >= 1 for n in sizes)):
+            raise ValueError("compilation_config cudagraph_capture_sizes must be a list of positive integers")
+        return cc
+
+    @property
+    def compile_model(self) -> bool:
+        """torch.compile the model: by default on a GPU only (on CPU, compiling costs more than it saves)."""
+        default = 3 if self.torch_device.type == "cuda" else 0
+        return not self.enforce_eager and self.compilation_config.get("mode", default) == 3
+
+    @property
+    def cudagraph_capture_sizes(self) -> list[int]:
+        """Decode batch sizes to capture, ascending; [] when CUDA graphs are off. Every batch size up to the
+        largest maps to the smallest captured size that holds it (the rest of the rows are padding)."""
+        cc, on_gpu = self.compilation_config, self.torch_device.type == "cuda"
+        mode = cc.get("cudagraph_mode", "FULL_DECODE_ONLY" if on_gpu else "NONE")
+        if mode == "NONE" or self.enforce_eager:
+            return []
+        if not on_gpu:
+            raise ValueError("CUDA graphs need a CUDA device: use compilation_config cudagraph_mode \"NONE\"")
+        # vLLM's default sizes: 1, 2, 4, then every 8 up to 256 and every 16 beyond, capped at max_num_seqs.
+        sizes = cc.get("cudagraph_capture_sizes") or [1, 2, 4, *range(8, 257, 8), *range(272, 1025, 16)]
+        capped = sorted({n for n in sizes if n <= self.max_num_seqs})
+        if not cc.get("cudagraph_capture_sizes") and (not capped or capped[-1] < min(self.max_num_seqs, 1024)):
+            capped.append(min(self.max_num_seqs, 1024))
+        return capped
 
     @staticmethod
     def _check_speculative_config(spec: dict) -> dict:

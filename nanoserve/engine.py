@@ -83,7 +83,8 @@ class Detokenizer:
         return delta
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
+        # Without a tokenizer (skip_tokenizer_init) there is no text: every delta is empty.
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip) if self.tokenizer else ""
 
 
 @dataclass
@@ -107,7 +108,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         model_dir = resolve_model(config.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_dir)
+        self.tokenizer = None if config.skip_tokenizer_init else AutoTokenizer.from_pretrained(
+            config.tokenizer or model_dir)
         self.generation_config = _read_generation_config(model_dir)
         self.eos_token_ids = _eos_token_ids(self.generation_config, self.tokenizer)
         self.runner = ModelRunner(config, model_dir, self.eos_token_ids)
@@ -143,6 +145,8 @@ class LLMEngine:
         if isinstance(prompt, dict):
             prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ParamError("Text prompts need a tokenizer (the engine runs with skip_tokenizer_init)", "prompt")
             return prompt, self.tokenizer(prompt).input_ids
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)
@@ -153,6 +157,8 @@ class LLMEngine:
             raise ParamError(f"Request id {request_id!r} is already in use", "request_id")
         text, ids = self.tokenize(prompt)
         self.validate_prompt(ids)
+        if params is not None and params.stop and self.tokenizer is None:
+            raise ParamError("Stop strings need a tokenizer (the engine runs with skip_tokenizer_init)", "stop")
         if params is not None and any(not 0 <= t < self.vocab_size for t in params.stop_token_ids):
             raise ParamError(f"stop_token_ids must be token ids below {self.vocab_size}", "stop_token_ids")
         params = (params or SamplingParams()).resolve(self.generation_config)
@@ -226,9 +232,9 @@ class LLMEngine:
         self.num_generation_tokens += 1
         if logprob is not None:
             chosen, rank, top = logprob
-            entry = {token: Logprob(chosen, rank, self.tokenizer.decode([token]))}
+            entry = {token: Logprob(chosen, rank, self._decode_one(token))}
             for r, (tid, lp) in enumerate(top, start=1):
-                entry.setdefault(tid, Logprob(lp, r, self.tokenizer.decode([tid])))
+                entry.setdefault(tid, Logprob(lp, r, self._decode_one(tid)))
             req.logprobs[index].append(entry)
             req.cumulative_logprobs[index] += chosen
         ended = last and seq.finish_reason is not None  # by a token rule, in the scheduler
@@ -238,6 +244,9 @@ class LLMEngine:
         # As in vLLM, stop strings count only once more than min_tokens tokens exist (stop tokens are masked
         # up to the min_tokens-th token, so they too can first end the sequence at token min_tokens + 1).
         return bool(p.stop) and num_output > p.min_tokens and self._check_stop_strings(seq, detok, p, len(delta))
+
+    def _decode_one(self, token: int) -> str | None:
+        return self.tokenizer.decode([token]) if self.tokenizer else None
 
     def _check_stop_strings(self, seq: Sequence, detok: Detokenizer, p: SamplingParams, delta_len: int) -> bool:
         for stop in p.stop:
@@ -291,5 +300,5 @@ def _read_generation_config(model_dir: str) -> dict:
 
 
 def _eos_token_ids(generation_config: dict, tokenizer) -> set[int]:
-    eos = generation_config.get("eos_token_id", tokenizer.eos_token_id)
+    eos = generation_config.get("eos_token_id", tokenizer.eos_token_id if tokenizer else None)
     return set(eos if isinstance(eos, list) else [] if eos is None else [eos])

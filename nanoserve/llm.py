@@ -61,6 +61,8 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def apply_chat_template(self, conversation, add_generation_prompt=True, chat_template_kwargs=None) -> list[int]:
+        if self.engine.tokenizer is None:
+            raise ValueError("chat needs a tokenizer: this LLM was built with skip_tokenizer_init=True")
         text = self.engine.tokenizer.apply_chat_template(
             conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {}))
         # The template already wrote the special tokens; adding a BOS again would change the prompt.

@@ -4,21 +4,28 @@ It owns the model, the KV cache (one tensor for all layers, sized at start-up) a
 `execute(batch)` builds the flat token batch (ids, positions, slot mapping, block tables), runs one forward pass,
 takes the logits of the last computed token of every sequence whose chunk reaches its end, and samples there.
 The engine hands the result back to the scheduler.
+
+Start-up on a GPU: build the model in its dtype, load the weights, profile one forward pass at the largest
+step to learn how much memory activations take, give the rest (up to `gpu_memory_utilization`) to the KV
+cache, compile the model (torch.compile) and capture the decode CUDA graphs (cuda_graphs.py).
 """
+import contextlib
 import logging
+import time
 
 import torch
 from transformers import AutoConfig
 
-from .attention import AttentionMetadata, ReferenceAttention
+from .attention import AttentionMetadata, ReferenceAttention, register_backend
 from .config import EngineConfig
 from .models import model_class
-from .sampling import SampleRequest, logprob_entry, sample, target_probs
-from .scheduler import Batch, Sequence, rejection_sample
+from .sampling import SampleRequest, SamplingParams, logprob_entry, sample, target_probs
+from .scheduler import Batch, ScheduledSeq, Sequence, rejection_sample
 from .weights import load_weights
 
 logger = logging.getLogger("nanoserve")
 CPU_KV_CACHE_BYTES = 2 << 30
+CUDA_GRAPH_RESERVE_BYTES = 512 << 20  # kept free of the KV cache for graph pools and FlashInfer's plans
 
 
 class ModelRunner:
@@ -29,24 +36,46 @@ class ModelRunner:
         config.resolve_for_model(hf)
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         self.kv_shape = (hf.num_hidden_layers, 2, config.block_size, hf.num_key_value_heads, head_dim)  # per block
-        self.attention = ReferenceAttention(hf.num_attention_heads, hf.num_key_value_heads, head_dim,
-                                            head_dim ** -0.5)
-        with torch.device(self.device):
-            model = model_class(hf)(hf, self.attention, config.max_model_len)
-        load_weights(model, model_dir)
-        self.model = model.to(self.dtype).eval()
-        self.rotary_tables_float32()
+        self.attention = self._make_attention(hf.num_attention_heads, hf.num_key_value_heads, head_dim)
+        start = time.perf_counter()
+        with torch.device(self.device), _default_dtype(self.dtype):
+            model = model_class(hf)(hf, register_backend(self.attention), config.max_model_len)
+        if config.load_format == "dummy":
+            _dummy_weights(model)
+        else:
+            load_weights(model, model_dir)
+        self.model = model.eval().requires_grad_(False)
+        logger.info("Model loaded in %.1f s (%.2f GiB)", time.perf_counter() - start,
+                    sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30)
+        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        self.forward_model, self.graphs = self.model, None  # eager until the cache is sized (profiling runs)
         self.num_blocks = self._num_kv_blocks()
         layers, kv, *block_shape = self.kv_shape
-        self.kv_cache = torch.zeros(layers, kv, self.num_blocks, *block_shape, dtype=self.dtype, device=self.device)
-        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        # One block more than the scheduler hands out: padded rows of a CUDA-graph batch write there.
+        self.kv_cache = torch.zeros(layers, kv, self.num_blocks + 1, *block_shape, dtype=self.dtype,
+                                    device=self.device)
+        self.attention.bind(self.kv_cache)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB) on %s", self.num_blocks, config.block_size,
                     self.kv_cache.numel() * self.kv_cache.element_size() / 2**30, self.device)
+        if config.compile_model:
+            self.forward_model = _compile(self.model)
+        if config.cudagraph_capture_sizes and self.attention.supports_cuda_graphs:
+            from .cuda_graphs import CudaGraphs
+            self.graphs = CudaGraphs(self.forward_model, self.attention, config.cudagraph_capture_sizes)
+        elif config.cudagraph_capture_sizes:
+            logger.warning("CUDA graphs are off: the torch attention backend (float32) cannot be captured")
 
-    def rotary_tables_float32(self):
-        """RoPE tables stay float32 (transformers computes them in float32 and casts at use)."""
-        rotary = self.model.rotary
-        rotary.cos, rotary.sin = rotary.cos.float(), rotary.sin.float()
+    def _make_attention(self, num_heads: int, num_kv_heads: int, head_dim: int):
+        name = self.config.attention_backend
+        if name == "auto":
+            fast = self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
+            name = "flashinfer" if fast else "torch"
+        logger.info("Attention backend: %s", name)
+        if name == "torch":
+            return ReferenceAttention(num_heads, num_kv_heads, head_dim, head_dim ** -0.5)
+        from .flashinfer_attention import FlashInferAttention
+        return FlashInferAttention(num_heads, num_kv_heads, head_dim, head_dim ** -0.5, self.dtype, self.device,
+                                   self.config)
 
     def _num_kv_blocks(self) -> int:
         c = self.config
@@ -60,13 +89,48 @@ class ModelRunner:
             # More blocks than every sequence at full length could use is wasted memory.
             num_blocks = min(num_blocks, c.max_num_seqs * -(-c.max_model_len // c.block_size))
         else:
-            free, total = torch.cuda.mem_get_info(self.device)
-            headroom = total * (1 - c.gpu_memory_utilization) + (1 << 30)  # activations of one step
-            num_blocks = int((free - headroom) // bytes_per_block)
+            num_blocks = self._profile_kv_bytes() // bytes_per_block
         if num_blocks * c.block_size < c.max_model_len:
             raise ValueError(f"The KV cache holds {max(num_blocks, 0) * c.block_size} tokens, fewer than "
                              f"max_model_len={c.max_model_len}: lower max_model_len or give the cache more memory")
         return num_blocks
+
+    def _profile_kv_bytes(self) -> int:
+        """GPU: the memory left for the KV cache, as vLLM measures it: `gpu_memory_utilization` of the card, less
+        what is in use now (weights, CUDA context, other processes) and the peak of a step at the largest size."""
+        c, device = self.config, self.device
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        free, total = torch.cuda.mem_get_info(device)
+        baseline = torch.cuda.memory_allocated(device)
+        scratch_cache_bytes = self._profile_run()
+        torch.cuda.synchronize(device)
+        activations = torch.cuda.max_memory_allocated(device) - baseline - scratch_cache_bytes
+        torch.cuda.empty_cache()
+        kv_bytes = int(total * c.gpu_memory_utilization - (total - free) - activations - CUDA_GRAPH_RESERVE_BYTES)
+        logger.info("Memory: %.1f GiB in use before the KV cache, step peak %.2f GiB, KV cache gets %.1f GiB",
+                    (total - free) / 2**30, activations / 2**30, kv_bytes / 2**30)
+        return max(kv_bytes, 0)
+
+    @torch.inference_mode()
+    def _profile_run(self) -> int:
+        """One step at the token budget, prompts as long as allowed, sampling `max_num_seqs` rows with the most
+        expensive rules; on a scratch KV cache just big enough, whose size is returned."""
+        c, bs = self.config, self.config.block_size
+        budget, params = c.max_num_batched_tokens, SamplingParams(temperature=1.0, top_p=0.9, top_k=50, logprobs=20)
+        lens = [min(budget - i, c.max_model_len - 1) for i in range(0, budget, c.max_model_len - 1)]
+        lens += [1] * max(0, min(c.max_num_seqs, budget) - len(lens))  # more sampled rows, as decodes bring
+        items, next_block = [], 0
+        for n in lens:
+            seq = Sequence(-1, [0] * n, n, params.resolve({}))
+            seq.block_table = list(range(next_block, next_block + -(-n // bs)))
+            next_block += len(seq.block_table)
+            items.append(ScheduledSeq(seq, 0, n))
+        layers, kv, *block_shape = self.kv_shape
+        scratch = torch.zeros(layers, kv, next_block + 1, *block_shape, dtype=self.dtype, device=self.device)
+        self.attention.bind(scratch)
+        self.execute(Batch(items))
+        return scratch.numel() * scratch.element_size()
 
     @torch.inference_mode()
     def execute(self, batch: Batch) -> tuple[list[list[int]], list[list]]:
@@ -111,8 +175,11 @@ class ModelRunner:
     def _forward(self, batch: Batch) -> torch.Tensor | None:
         """Run the model; logits of the positions that need them, in batch order."""
         input_ids, positions, meta, logit_rows = self._prepare(batch)
-        self.attention.prepare(meta)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta)
+        if self.graphs is not None and self.graphs.fits(meta):
+            hidden = self.graphs.replay(input_ids, positions, meta)
+        else:
+            self.attention.prepare(meta)
+            hidden = self.forward_model(input_ids, positions)
         return self.model.compute_logits(hidden[logit_rows]) if len(logit_rows) else None
 
     def _prepare(self, batch: Batch):
@@ -126,11 +193,15 @@ class ModelRunner:
             query_start.append(query_start[-1] + item.num_new_tokens)
             seq_lens.append(end)
             logit_rows += range(query_start[-1] - item.num_logits, query_start[-1])
-        width = max(len(item.seq.block_table) for item in batch.scheduled)
-        tables = [item.seq.block_table + [0] * (width - len(item.seq.block_table)) for item in batch.scheduled]
-        as_tensor = lambda x, dtype: torch.tensor(x, dtype=dtype, device=self.device)  # noqa: E731
-        meta = AttentionMetadata(query_start, seq_lens, as_tensor(tables, torch.int32), as_tensor(slots, torch.long), bs)
-        return as_tensor(ids, torch.long), as_tensor(positions, torch.long), meta, as_tensor(logit_rows, torch.long)
+        meta = AttentionMetadata(query_start, seq_lens, [item.seq.block_table for item in batch.scheduled],
+                                 self.to_device(slots), bs)
+        return self.to_device(ids), self.to_device(positions), meta, self.to_device(logit_rows)
+
+    def to_device(self, values: list[int]) -> torch.Tensor:
+        """An int64 tensor on the device. On a GPU it goes through pinned memory with an asynchronous copy:
+        a copy from ordinary memory would wait for the GPU to finish the work queued before it."""
+        on_gpu = self.device.type == "cuda"
+        return torch.tensor(values, dtype=torch.long, pin_memory=on_gpu).to(self.device, non_blocking=on_gpu)
 
     def _sample_request(self, seq: Sequence, drafts: list[int] = ()) -> SampleRequest:
         """What the sampler needs for `seq`'s next token, as if `drafts` had already been generated."""
@@ -142,3 +213,34 @@ class ModelRunner:
         if len(output) < p.min_tokens:  # stop tokens cannot end a sequence before min_tokens
             banned = list(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids))
         return SampleRequest(p, seq.prompt_token_ids, output, seq.generator, banned)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Build the model's parameters directly in `dtype` (no float32 copy of an 8B model on the way)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@torch.no_grad()
+def _dummy_weights(model: torch.nn.Module) -> None:
+    """load_format="dummy": small random weights, as vLLM's dummy loader, for benchmarking a model's shape."""
+    for param in model.parameters():
+        param.uniform_(-1e-3, 1e-3)
+
+
+def _compile(model: torch.nn.Module):
+    """torch.compile the whole forward as one graph; attention is the `paged_attention` custom op inside it.
+    The token dimension is dynamic (one graph serves every step size) and unbacked, so that a step of one
+    token does not get its own specialised graph."""
+    compiled = torch.compile(model, fullgraph=True)
+
+    def forward(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.decorators.mark_unbacked(input_ids, 0)
+        torch._dynamo.decorators.mark_unbacked(positions, 0)
+        return compiled(input_ids, positions)
+    return forward

@@ -159,15 +159,28 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.T
 def _sample_random(logits: torch.Tensor, rows: list[SampleRequest], generator) -> torch.Tensor:
     temperature = torch.tensor([r.params.temperature for r in rows], device=logits.device).unsqueeze(1)
     logits = logits / temperature
-    for i, row in enumerate(rows):  # filters are per row; most rows use none of them
-        logits[i] = _filter(logits[i], row.params)
+    for i, row in enumerate(rows):  # filters are per row; most rows use none, and those cost no kernel launch
+        if _has_filter(row.params):
+            logits[i] = _filter(logits[i], row.params)
     probs = torch.softmax(logits, dim=-1)
-    # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p. Each seeded request draws its noise
-    # from its own generator, so its samples do not depend on what else is in the batch.
-    noise = torch.empty_like(probs)
-    for i, row in enumerate(rows):
-        noise[i].exponential_(generator=row.generator or generator)
+    # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p. The rows without a seed share one
+    # draw from the shared generator (one kernel, not one per row); each seeded request draws its row from its
+    # own generator, so its samples do not depend on what else is in the batch.
+    seeded = [i for i, row in enumerate(rows) if row.generator is not None]
+    if not seeded:
+        noise = torch.empty_like(probs).exponential_(generator=generator)
+    else:
+        noise = torch.empty_like(probs)
+        shared = [i for i, row in enumerate(rows) if row.generator is None]
+        if shared:
+            noise[shared] = torch.empty_like(probs[shared]).exponential_(generator=generator)
+        for i in seeded:
+            noise[i].exponential_(generator=rows[i].generator)
     return (probs / noise).argmax(dim=-1)
+
+
+def _has_filter(p: SamplingParams) -> bool:
+    return bool(p.top_k and 0 < p.top_k) or p.top_p < 1.0 or p.min_p > 0.0
 
 
 def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:

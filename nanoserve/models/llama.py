@@ -4,14 +4,17 @@ One module covers them all through the Hugging Face config: Qwen2 adds a bias to
 normalizes each head of q and k before RoPE. The layers mirror transformers' numerics (float32 RMSNorm, RoPE
 from transformers' own frequency tables) so greedy output matches it token for token.
 
-Input: a flat batch of tokens from many sequences (`input_ids`, `positions`) and the step's attention metadata;
-attention goes through the paged-attention backend with each layer's slice of the KV cache. The q/k/v and
+Input: a flat batch of tokens from many sequences (`input_ids`, `positions`); attention goes through the
+`paged_attention` op, whose backend already holds the KV cache and this step's metadata. So the forward takes
+tensors only, and torch.compile can trace it as one graph. The q/k/v and
 gate/up projections are fused (one matmul each); `weights.py` fills them from the separate checkpoint tensors.
 """
 import torch
 from torch import nn
 import torch.nn.functional as F
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from ..attention import paged_attention
 
 
 class RMSNorm(nn.Module):
@@ -49,6 +52,7 @@ class Rotary(nn.Module):
             inv_freq, scaling = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
         else:
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+        inv_freq = inv_freq.float().to(torch.get_default_device())  # transformers builds it on the CPU
         freqs = torch.arange(max_len, dtype=torch.float)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
@@ -69,7 +73,7 @@ def _rotate_half(x):
 
 
 class Attention(nn.Module):
-    def __init__(self, config, backend):
+    def __init__(self, config, layer: int, backend_id: int):
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
@@ -81,9 +85,9 @@ class Attention(nn.Module):
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.backend = backend
+        self.layer, self.backend_id = layer, backend_id
 
-    def forward(self, x, rope, kv_cache, meta):
+    def forward(self, x, rope):
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.shard_sizes, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -91,7 +95,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = self.backend.forward(q, k, v, kv_cache, meta)
+        out = paged_attention(q, k, v, self.layer, self.backend_id)
         return self.o_proj(out.flatten(1))
 
 
@@ -107,36 +111,36 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, backend):
+    def __init__(self, config, layer: int, backend_id: int):
         super().__init__()
-        self.self_attn = Attention(config, backend)
+        self.self_attn = Attention(config, layer, backend_id)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, rope, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
+    def forward(self, x, rope):
+        x = x + self.self_attn(self.input_layernorm(x), rope)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config, backend, max_model_len: int):
+    def __init__(self, config, backend_id: int, max_model_len: int):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, backend) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, backend_id) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(config, max_model_len)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
+    def forward(self, input_ids, positions) -> torch.Tensor:
         """Hidden states [T, hidden] of every input token."""
         x = self.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, rope, kv_cache, meta)
+        for layer in self.layers:
+            x = layer(x, rope)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
