@@ -43,13 +43,13 @@ class AttentionMetadata:
 # The model calls attention through a custom op, so torch.compile sees one opaque node per layer and compiles
 # everything between them into one graph (fullgraph=True). A custom op takes only tensors and plain numbers,
 # not the backend object, so backends are registered here and named by an integer id. Weak references: a
-# backend lives as long as its runner.
+# backend lives as long as its runner. The lowest free id is reused because the compiled graph holds the id as
+# a constant: an engine built after another one was dropped then reuses its compiled code.
 _backends: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
-_backend_ids = itertools.count()
 
 
 def register_backend(backend) -> int:
-    backend_id = next(_backend_ids)
+    backend_id = next(i for i in itertools.count() if i not in _backends)
     _backends[backend_id] = backend
     return backend_id
 

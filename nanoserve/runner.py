@@ -150,7 +150,8 @@ class ModelRunner:
             rows += item.num_logits
         if plain:
             index = [row for _, row in plain]
-            result = sample(logits[index], [requests[row] for row in index], self.generator)
+            rows = logits if len(index) == len(logits) else logits[index]  # all plain (the usual case): no gather
+            result = sample(rows, [requests[row] for row in index], self.generator)
             for (i, _), token, entry in zip(plain, result.token_ids, result.logprobs):
                 tokens[i], logprobs[i] = [token], [entry]
         return tokens, logprobs
@@ -237,6 +238,9 @@ def _compile(model: torch.nn.Module):
     """torch.compile the whole forward as one graph; attention is the `paged_attention` custom op inside it.
     The token dimension is dynamic (one graph serves every step size) and unbacked, so that a step of one
     token does not get its own specialised graph."""
+    # Each engine alive in the process (a draft model, tests) holds its own backend id, a constant in its graph;
+    # Dynamo's default of 8 graphs per function would make the 9th engine fail rather than recompile.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     compiled = torch.compile(model, fullgraph=True)
 
     def forward(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -108,7 +108,9 @@ def sample(logits: torch.Tensor, rows: list[SampleRequest], generator: torch.Gen
     logits = _penalize(logits, rows)
     chosen = logits.argmax(dim=-1)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
-    if random_rows:
+    if len(random_rows) == len(rows):  # the common case needs no row gather (nor an index copied to the GPU)
+        chosen = _sample_random(logits, rows, generator)
+    elif random_rows:
         chosen[random_rows] = _sample_random(logits[random_rows], [rows[i] for i in random_rows], generator)
     token_ids = chosen.tolist()
     logprobs = [None] * len(rows)
@@ -157,7 +159,10 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.T
 
 
 def _sample_random(logits: torch.Tensor, rows: list[SampleRequest], generator) -> torch.Tensor:
-    temperature = torch.tensor([r.params.temperature for r in rows], device=logits.device).unsqueeze(1)
+    # From pinned memory without waiting: a plain host-to-GPU copy would first wait for the forward pass.
+    on_gpu = logits.device.type == "cuda"
+    temperature = torch.tensor([r.params.temperature for r in rows], pin_memory=on_gpu)
+    temperature = temperature.to(logits.device, non_blocking=on_gpu).unsqueeze(1)
     logits = logits / temperature
     for i, row in enumerate(rows):  # filters are per row; most rows use none, and those cost no kernel launch
         if _has_filter(row.params):

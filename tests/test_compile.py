@@ -2,6 +2,7 @@
 `paged_attention` custom op, one graph for every step size) gives the eager output; the compilation and
 CUDA-graph settings are checked and cover every batch size; random-weight (`load_format="dummy"`) engines
 without a tokenizer run on a config.json alone, as the GPU benchmarks use them."""
+import gc
 import json
 
 import pytest
@@ -27,6 +28,12 @@ def test_compiled_model_matches_eager_and_transformers(qwen3_dir):
     assert_same(qwen3_dir, prompts, llm.generate(prompts, GREEDY, use_tqdm=False), max_tokens=12)
     single = llm.generate(prompts[:1], GREEDY, use_tqdm=False)  # steps of exactly one token
     assert single[0].outputs[0].token_ids == hf_greedy(qwen3_dir, prompts[:1], 12)[0]
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    # An engine built after this one is gone reuses its compiled graph (the backend id in the graph is free again).
+    del llm
+    gc.collect()
+    again = LLM(qwen3_dir, block_size=4, compilation_config={"mode": 3})
+    assert again.generate(prompts[:1], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == single[0].outputs[0].token_ids
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
