@@ -18,6 +18,7 @@ import itertools
 import weakref
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -64,6 +65,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: in
 @paged_attention.register_fake
 def _(q, k, v, layer, backend_id):
     return torch.empty_like(q)
+
+
+def host_tensor(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host tensor of `values`, pinned when `device` is a GPU, so that copies to it need not wait for the GPU
+    to finish the work queued before them. Through numpy: a few times faster than torch.tensor on a long list."""
+    tensor = torch.from_numpy(np.array(values, dtype=np.int32 if dtype == torch.int32 else np.int64))
+    return tensor.pin_memory() if device.type == "cuda" else tensor
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -66,6 +66,8 @@ class Detokenizer:
         self.text = ""
 
     def add(self, token_id: int) -> str:
+        if self.tokenizer is None:  # skip_tokenizer_init: no text to make
+            return ""
         self.ids.append(token_id)
         return self._advance(final=False)
 
@@ -83,7 +85,6 @@ class Detokenizer:
         return delta
 
     def _decode(self, ids: list[int]) -> str:
-        # Without a tokenizer (skip_tokenizer_init) there is no text: every delta is empty.
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip) if self.tokenizer else ""
 
 

@@ -15,7 +15,7 @@ FlashInfer's page layout: `kv_indptr[i]:kv_indptr[i+1]` indexes sequence i's pag
 """
 import torch
 
-from .attention import AttentionMetadata, write_kv
+from .attention import AttentionMetadata, host_tensor, write_kv
 
 WORKSPACE_BYTES = 256 << 20  # FlashInfer's split-k scratch space, shared by all wrappers (they run in turn)
 
@@ -89,8 +89,7 @@ class FlashInferAttention:
         return self._host(indptr), self._host(indices).to(self.device, non_blocking=True), self._host(last_page_len)
 
     def _host(self, values: list[int]) -> torch.Tensor:
-        """int32 on pinned host memory, from which copies to the GPU need not wait (plain memory on a CPU)."""
-        return torch.tensor(values, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        return host_tensor(values, torch.int32, self.device)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
         kv_cache = self.kv_cache[layer]

@@ -16,7 +16,7 @@ import time
 import torch
 from transformers import AutoConfig
 
-from .attention import AttentionMetadata, ReferenceAttention, register_backend
+from .attention import AttentionMetadata, ReferenceAttention, host_tensor, register_backend
 from .config import EngineConfig
 from .models import model_class
 from .sampling import SampleRequest, SamplingParams, logprob_entry, sample, target_probs
@@ -101,15 +101,18 @@ class ModelRunner:
         c, device = self.config, self.device
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        free, total = torch.cuda.mem_get_info(device)
         baseline = torch.cuda.memory_allocated(device)
         scratch_cache_bytes = self._profile_run()
         torch.cuda.synchronize(device)
         activations = torch.cuda.max_memory_allocated(device) - baseline - scratch_cache_bytes
         torch.cuda.empty_cache()
-        kv_bytes = int(total * c.gpu_memory_utilization - (total - free) - activations - CUDA_GRAPH_RESERVE_BYTES)
+        # Read after the step, so that kernels and libraries it loaded count; the scratch cache, still bound to
+        # the backend, does not.
+        free, total = torch.cuda.mem_get_info(device)
+        in_use = total - free - scratch_cache_bytes
+        kv_bytes = int(total * c.gpu_memory_utilization - in_use - activations - CUDA_GRAPH_RESERVE_BYTES)
         logger.info("Memory: %.1f GiB in use before the KV cache, step peak %.2f GiB, KV cache gets %.1f GiB",
-                    (total - free) / 2**30, activations / 2**30, kv_bytes / 2**30)
+                    in_use / 2**30, activations / 2**30, kv_bytes / 2**30)
         return max(kv_bytes, 0)
 
     @torch.inference_mode()
@@ -201,19 +204,19 @@ class ModelRunner:
     def to_device(self, values: list[int]) -> torch.Tensor:
         """An int64 tensor on the device. On a GPU it goes through pinned memory with an asynchronous copy:
         a copy from ordinary memory would wait for the GPU to finish the work queued before it."""
-        on_gpu = self.device.type == "cuda"
-        return torch.tensor(values, dtype=torch.long, pin_memory=on_gpu).to(self.device, non_blocking=on_gpu)
+        return host_tensor(values, torch.long, self.device).to(self.device, non_blocking=True)
 
     def _sample_request(self, seq: Sequence, drafts: list[int] = ()) -> SampleRequest:
         """What the sampler needs for `seq`'s next token, as if `drafts` had already been generated."""
         p = seq.params
         if p.seed is not None and seq.generator is None:
             seq.generator = torch.Generator(self.device).manual_seed(p.seed)
-        output = seq.output_token_ids + list(drafts)
         banned = []
-        if len(output) < p.min_tokens:  # stop tokens cannot end a sequence before min_tokens
+        if seq.num_output_tokens + len(drafts) < p.min_tokens:  # stop tokens cannot end a sequence before min_tokens
             banned = list(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids))
-        return SampleRequest(p, seq.prompt_token_ids, output, seq.generator, banned)
+        if not p.has_penalties:  # the token lists are copied only when the sampler reads them (long ones cost)
+            return SampleRequest(p, [], [], seq.generator, banned)
+        return SampleRequest(p, seq.prompt_token_ids, seq.output_token_ids + list(drafts), seq.generator, banned)
 
 
 @contextlib.contextmanager

@@ -70,6 +70,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPS
 
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
+
 
 class ParamError(ValueError):
     """A bad sampling parameter; `param` names the field so the server can report it."""
@@ -106,12 +110,13 @@ def sample(logits: torch.Tensor, rows: list[SampleRequest], generator: torch.Gen
     logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in rows) else None
     logits = _penalize(logits, rows)
-    chosen = logits.argmax(dim=-1)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
-    if len(random_rows) == len(rows):  # the common case needs no row gather (nor an index copied to the GPU)
+    if len(random_rows) == len(rows):  # the common case needs no argmax, no row gather, no index on the GPU
         chosen = _sample_random(logits, rows, generator)
-    elif random_rows:
-        chosen[random_rows] = _sample_random(logits[random_rows], [rows[i] for i in random_rows], generator)
+    else:
+        chosen = logits.argmax(dim=-1)
+        if random_rows:
+            chosen[random_rows] = _sample_random(logits[random_rows], [rows[i] for i in random_rows], generator)
     token_ids = chosen.tolist()
     logprobs = [None] * len(rows)
     if raw_logprobs is not None:
@@ -135,6 +140,8 @@ def target_probs(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tenso
 
 def _penalize(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
     """Penalties and banned tokens, on a copy: the caller's raw logits still serve for logprobs."""
+    if not any(row.params.has_penalties or row.banned_token_ids for row in rows):
+        return logits  # nothing to change: skip the copy of a [rows, vocab] tensor
     logits = _apply_penalties(logits.to(torch.float32, copy=True), rows)
     for i, row in enumerate(rows):
         if row.banned_token_ids:
