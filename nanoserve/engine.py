@@ -198,7 +198,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """One scheduling + forward + sampling round. Returns an output for every request that advanced, or with
+        `final_only` (the offline API) only for those that finished: building the others' outputs every step
+        copies every sequence's tokens, a cost that grows with the batch and the output length."""
         batch = self.scheduler.schedule()
         if not batch.scheduled:
             return []
@@ -210,7 +213,7 @@ class LLMEngine:
                 req, index = self.seq_owner[item.seq.seq_id]
                 self._process_tokens(req, index, item, new_tokens, entries)
                 touched[req.request_id] = req
-        outputs = [self._output(req) for req in touched.values()]
+        outputs = [self._output(req) for req in touched.values() if req.finished or not final_only]
         for req in touched.values():
             if req.finished:
                 self._forget(req)

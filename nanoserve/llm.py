@@ -42,7 +42,7 @@ class LLM:
         bar = tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm)
         generated = 0
         while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
+            for out in self.engine.step(final_only=True):
                 if out.finished:
                     done[out.request_id] = out
                     generated += sum(len(o.token_ids) for o in out.outputs)

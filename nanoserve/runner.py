@@ -143,18 +143,18 @@ class ModelRunner:
         tokens, logprobs = [[] for _ in batch.scheduled], [[] for _ in batch.scheduled]
         rows, requests, plain = 0, [], []
         for i, item in enumerate(batch.scheduled):
-            drafts = item.draft_token_ids[len(item.draft_token_ids) - item.num_logits + 1:]
-            requests += [self._sample_request(item.seq, drafts[:j]) for j in range(item.num_logits)]
-            if item.num_logits == 1:
+            n = item.num_logits
+            drafts = item.draft_token_ids[len(item.draft_token_ids) - n + 1:]
+            requests += [self._sample_request(item.seq, drafts[:j]) for j in range(n)]
+            if n == 1:
                 plain.append((i, rows))
-            elif item.num_logits > 1:
-                tokens[i], logprobs[i] = self._verify(logits[rows:rows + item.num_logits],
-                                                      requests[rows:rows + item.num_logits], drafts)
-            rows += item.num_logits
+            elif n > 1:
+                tokens[i], logprobs[i] = self._verify(logits[rows:rows + n], requests[rows:rows + n], drafts)
+            rows += n
         if plain:
             index = [row for _, row in plain]
-            rows = logits if len(index) == len(logits) else logits[index]  # all plain (the usual case): no gather
-            result = sample(rows, [requests[row] for row in index], self.generator)
+            plain_logits = logits if len(index) == len(logits) else logits[index]  # all plain, the usual case
+            result = sample(plain_logits, [requests[row] for row in index], self.generator)
             for (i, _), token, entry in zip(plain, result.token_ids, result.logprobs):
                 tokens[i], logprobs[i] = [token], [entry]
         return tokens, logprobs

@@ -156,3 +156,16 @@ def test_bad_prompts_raise_and_leak_nothing(llama_dir):
             llm.generate(["ok", prompt], GREEDY, use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
     assert llm.engine.scheduler.block_manager.num_free_blocks == free
+
+
+def test_final_only_steps_return_finished_requests_only(llama_dir):
+    """The offline API asks the engine for finished requests only (no per-step copies of every output)."""
+    engine = LLMEngine(EngineConfig(model=llama_dir))
+    for i, n in enumerate((2, 7)):
+        engine.add_request(str(i), [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+    seen = []
+    while engine.has_unfinished_requests():
+        outputs = engine.step(final_only=True)
+        assert all(o.finished for o in outputs)
+        seen += [(o.request_id, len(o.outputs[0].token_ids)) for o in outputs]
+    assert seen == [("0", 2), ("1", 7)]
