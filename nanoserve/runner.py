@@ -10,6 +10,7 @@ step to learn how much memory activations take, give the rest (up to `gpu_memory
 cache, compile the model (torch.compile) and capture the decode CUDA graphs (cuda_graphs.py).
 """
 import contextlib
+import importlib.util
 import logging
 import time
 
@@ -69,7 +70,9 @@ class ModelRunner:
         name = self.config.attention_backend
         if name == "auto":
             fast = self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
-            name = "flashinfer" if fast else "torch"
+            name = "flashinfer" if fast and _flashinfer_installed() else "torch"
+            if fast and name == "torch":
+                logger.warning("flashinfer is not installed: using the (slow) torch attention, without CUDA graphs")
         logger.info("Attention backend: %s", name)
         if name == "torch":
             return ReferenceAttention(num_heads, num_kv_heads, head_dim, head_dim ** -0.5)
@@ -217,6 +220,10 @@ class ModelRunner:
         if not p.has_penalties:  # the token lists are copied only when the sampler reads them (long ones cost)
             return SampleRequest(p, [], [], seq.generator, banned)
         return SampleRequest(p, seq.prompt_token_ids, seq.output_token_ids + list(drafts), seq.generator, banned)
+
+
+def _flashinfer_installed() -> bool:
+    return importlib.util.find_spec("flashinfer") is not None
 
 
 @contextlib.contextmanager
