@@ -25,7 +25,10 @@ class FlashInferAttention:
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, dtype: torch.dtype,
                  device: torch.device, config):
-        import flashinfer  # noqa: PLC0415 (imports torch.cuda and a kernel cache: GPU machines only)
+        try:
+            import flashinfer  # noqa: PLC0415 (imports torch.cuda and a kernel cache: GPU machines only)
+        except ImportError as e:
+            raise RuntimeError("attention_backend=\"flashinfer\" needs FlashInfer: pip install flashinfer-python") from e
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.dtype, self.device, self.block_size = dtype, device, config.block_size
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)

@@ -3,6 +3,7 @@
 CUDA-graph settings are checked and cover every batch size; random-weight (`load_format="dummy"`) engines
 without a tokenizer run on a config.json alone, as the GPU benchmarks use them."""
 import gc
+import importlib.util
 import json
 
 import pytest
@@ -118,3 +119,9 @@ def test_profiling_step_runs_on_cpu(llama_dir):
     runner.attention.bind(runner.kv_cache)
     prompts = random_prompts(llm.get_tokenizer(), 3, seed=5)
     assert_same(llama_dir, prompts, llm.generate(prompts, GREEDY, use_tqdm=False), max_tokens=12)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flashinfer") is not None, reason="flashinfer is installed here")
+def test_flashinfer_backend_without_flashinfer_says_how_to_get_it(llama_dir):
+    with pytest.raises(RuntimeError, match="pip install flashinfer-python"):
+        LLM(llama_dir, attention_backend="flashinfer")
