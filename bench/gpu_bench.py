@@ -120,12 +120,12 @@ def measure_decode(llm, batch: int, args, rng: random.Random) -> dict:
         if len(started) == batch:
             break
     for _ in range(args.warmup):
-        engine.step()
+        engine.step(final_only=True)  # as the offline API steps: no per-step outputs of unfinished requests
     counter, times = StepCounter(engine), []
     for _ in range(args.steps):
         sync(args.device)
         start = time.perf_counter()
-        engine.step()
+        engine.step(final_only=True)
         sync(args.device)
         times.append(time.perf_counter() - start)
     counts = counter.close()
@@ -149,7 +149,7 @@ def device_time_per_step(engine, steps: int, device) -> float | None:
     try:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
-                engine.step()
+                engine.step(final_only=True)
             torch.cuda.synchronize(device)
         kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
     except Exception as e:  # the profiler is a diagnostic: never lose the timing over it

@@ -213,10 +213,10 @@ class LLMEngine:
                 req, index = self.seq_owner[item.seq.seq_id]
                 self._process_tokens(req, index, item, new_tokens, entries)
                 touched[req.request_id] = req
-        outputs = [self._output(req) for req in touched.values() if req.finished or not final_only]
-        for req in touched.values():
-            if req.finished:
-                self._forget(req)
+        done = [req for req in touched.values() if req.finished]
+        outputs = [self._output(req) for req in (done if final_only else touched.values())]
+        for req in done:
+            self._forget(req)
         return outputs
 
     def _process_tokens(self, req: _Request, index: int, item, new_tokens: list[int], entries: list) -> None:
