@@ -18,6 +18,10 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def reset_prefix_cache(self) -> bool:
+        """As in vLLM: empty the prefix cache; False (and nothing changes) while requests hold KV blocks."""
+        return self.engine.scheduler.block_manager.reset_prefix_cache()
+
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """`prompts`: a string, a list of token ids, a dict, or a list of these."""

@@ -143,6 +143,14 @@ class BlockManager:
         seq.block_table = []
         seq.num_committed_blocks = 0
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (benchmarks use it between runs); refused while any sequence holds blocks."""
+        if len(self.free) != self.num_blocks:
+            return False
+        self.block_of_hash.clear()
+        self.hash_of_block = [None] * self.num_blocks
+        return True
+
     def _release(self, block: int) -> None:
         self.ref_counts[block] -= 1
         if self.ref_counts[block] == 0:

@@ -169,3 +169,19 @@ def test_final_only_steps_return_finished_requests_only(llama_dir):
         assert all(o.finished for o in outputs)
         seen += [(o.request_id, len(o.outputs[0].token_ids)) for o in outputs]
     assert seen == [("0", 2), ("1", 7)]
+
+
+def test_reset_prefix_cache(llama_dir):
+    llm = LLM(llama_dir, block_size=4)
+    prompt = random_prompts(llm.get_tokenizer(), 1, seed=11, min_len=30, max_len=30)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    first = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert llm.generate([prompt], params, use_tqdm=False)[0].num_cached_tokens == 28  # all full blocks but the last token's
+    assert llm.reset_prefix_cache()
+    again = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert again.num_cached_tokens == 0 and again.outputs[0].token_ids == first.outputs[0].token_ids
+    llm.engine.add_request("busy", prompt, params)
+    llm.engine.step()  # the request now holds blocks: a reset is refused
+    assert not llm.reset_prefix_cache()
+    llm.engine.abort_request("busy")
+    assert llm.reset_prefix_cache()
