@@ -59,6 +59,8 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB) on %s", self.num_blocks, config.block_size,
                     self.kv_cache.numel() * self.kv_cache.element_size() / 2**30, self.device)
         if config.compile_model:
+            logger.info("torch.compile: the model compiles at its first forward pass (up to a minute; Inductor "
+                        "caches the result for later starts)")
             self.forward_model = _compile(self.model)
         if config.cudagraph_capture_sizes and self.attention.supports_cuda_graphs:
             from .cuda_graphs import CudaGraphs
