@@ -66,8 +66,6 @@ class Detokenizer:
         self.text = ""
 
     def add(self, token_id: int) -> str:
-        if self.tokenizer is None:  # skip_tokenizer_init: no text to make
-            return ""
         self.ids.append(token_id)
         return self._advance(final=False)
 
@@ -75,6 +73,8 @@ class Detokenizer:
         return self._advance(final=True)
 
     def _advance(self, final: bool) -> str:
+        if self.tokenizer is None:  # skip_tokenizer_init: there is no text to make
+            return ""
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.ids[self.prefix_offset:])
         if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
@@ -85,7 +85,7 @@ class Detokenizer:
         return delta
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip) if self.tokenizer else ""
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
 
 
 @dataclass

@@ -29,8 +29,7 @@ class FlashInferAttention:
             import flashinfer  # noqa: PLC0415 (imports torch.cuda and a kernel cache: GPU machines only)
         except ImportError as e:
             raise RuntimeError("attention_backend=\"flashinfer\" needs FlashInfer: pip install flashinfer-python") from e
-        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
-        self.dtype, self.device, self.block_size = dtype, device, config.block_size
+        self.device, self.block_size = device, config.block_size
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.use_tensor_cores = num_heads // num_kv_heads >= 4
         # FA2 prefill: the bundle has it for head dims 64 and 128 (FA3, Hopper-only, just for 128; whether it is
@@ -50,6 +49,9 @@ class FlashInferAttention:
             paged_kv_indices_buffer=self.graph_indices,
             paged_kv_last_page_len_buffer=torch.zeros(size, dtype=torch.int32, device=device)) for size in sizes}
         self.graph_slots = torch.zeros(max(sizes, default=0), dtype=torch.long, device=device)
+        # What every plan() call passes besides the page layout.
+        self.plan_shape = (num_heads, num_kv_heads, head_dim, self.block_size)
+        self.plan_options = dict(q_data_type=dtype, kv_data_type=dtype, sm_scale=scale)
 
     def bind(self, kv_cache: torch.Tensor) -> None:
         """The KV cache of all layers; its last block is the dummy page that padded graph rows use."""
@@ -61,8 +63,6 @@ class FlashInferAttention:
         batch with one-token rows on the dummy page (their new K/V are written there too)."""
         num_pad = 0 if graph_size is None else graph_size - meta.num_seqs
         indptr, indices, last_page_len = self._page_layout(meta, num_pad)
-        common = dict(q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.scale)
-        shape = (self.num_heads, self.num_kv_heads, self.head_dim, self.block_size)
         if graph_size is not None:
             self.wrapper = self.graph_wrappers[graph_size]
             self.graph_slots[:meta.num_seqs].copy_(meta.slot_mapping)
@@ -72,10 +72,11 @@ class FlashInferAttention:
             self.slot_mapping = meta.slot_mapping
             self.wrapper = self.decode_wrapper if all(n == 1 for n in meta.query_lens) else self.prefill_wrapper
         if self.wrapper is self.prefill_wrapper:
-            qo_indptr = self._host(meta.query_start_loc)
-            self.wrapper.plan(qo_indptr, indptr, indices, last_page_len, *shape, causal=True, **common)
+            qo_indptr = host_tensor(meta.query_start_loc, torch.int32, self.device)
+            self.wrapper.plan(qo_indptr, indptr, indices, last_page_len, *self.plan_shape, causal=True,
+                              **self.plan_options)
         else:
-            self.wrapper.plan(indptr, indices, last_page_len, *shape, **common)
+            self.wrapper.plan(indptr, indices, last_page_len, *self.plan_shape, **self.plan_options)
 
     def _page_layout(self, meta: AttentionMetadata, num_pad: int):
         """FlashInfer's CSR page layout: indptr and last_page_len on pinned host memory (plan() reads them on
@@ -89,10 +90,9 @@ class FlashInferAttention:
         indices += [self.dummy_page] * num_pad
         indptr += range(indptr[-1] + 1, indptr[-1] + num_pad + 1)
         last_page_len += [1] * num_pad
-        return self._host(indptr), self._host(indices).to(self.device, non_blocking=True), self._host(last_page_len)
-
-    def _host(self, values: list[int]) -> torch.Tensor:
-        return host_tensor(values, torch.int32, self.device)
+        indptr, indices, last_page_len = (host_tensor(x, torch.int32, self.device)
+                                          for x in (indptr, indices, last_page_len))
+        return indptr, indices.to(self.device, non_blocking=True), last_page_len
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
         kv_cache = self.kv_cache[layer]
