@@ -20,6 +20,7 @@ from dataclasses import fields
 
 from .config import EngineConfig
 from .default_model import DEFAULT_MODEL_NAME
+from .protocol import Limits
 
 logger = logging.getLogger("nanoserve")
 COMMANDS = ("serve", "chat", "generate")
@@ -55,6 +56,13 @@ def build_parser(command: str) -> Parser:
                        default=os.environ.get("NANOSERVE_API_KEY") or os.environ.get("VLLM_API_KEY"),
                        help="require `Authorization: Bearer KEY` on /v1/* (default: $NANOSERVE_API_KEY)")
         s.add_argument("--served-model-name", metavar="NAME", help="model name in the API (default: MODEL)")
+        s.add_argument("--max-request-body-bytes", type=int, default=Limits.max_body_bytes, metavar="N",
+                       help=f"larger request bodies get a 413 (default: {Limits.max_body_bytes})")
+        s.add_argument("--trust-request-chat-template", action="store_true", help="accept chat templates sent in "
+                       "requests (they are code the server runs; default: refuse them with a 400)")
+        s.add_argument("--shutdown-timeout", type=float, default=15.0, metavar="SECONDS",
+                       help="on SIGTERM, time running requests get to finish before they end with a 503 "
+                            "(default: 15)")
     else:
         max_tokens = 128 if command == "generate" else 512
         p.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N",
@@ -70,6 +78,7 @@ def build_parser(command: str) -> Parser:
                              ("--dtype", str, "float32, bfloat16, float16, or auto: bf16 on GPU, fp32 on CPU"),
                              ("--device", str, "cpu, cuda, cuda:N, or auto: cuda if available"),
                              ("--seed", int, "random seed"),
+                             ("--max-n-sequences", int, "largest n (parallel samples) a request may ask for"),
                              ("--tensor-parallel-size", int, "number of GPUs (only 1 is supported)")]:
         name = flag[2:].replace("-", "_")
         default = DEFAULTS.get(name, 1)
@@ -111,24 +120,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(args) -> int:
+    """Serve until SIGTERM/SIGINT (exit 0) or until the engine loop dies (exit 1: let an orchestrator restart us)."""
     import uvicorn
 
     from .async_engine import AsyncLLMEngine
     from .engine import LLMEngine
-    from .server import build_app
+    from .server import Server, build_app
 
     start = time.monotonic()
     config = engine_config(args)
     sock = _bind(args.host, args.port)  # before loading the model: a busy port fails fast
     logger.info("Loading %s", config.model or DEFAULT_MODEL_NAME)
-    engine = AsyncLLMEngine(_customized(LLMEngine(config), args))
+    engine = AsyncLLMEngine(_customized(LLMEngine(config), args), on_fatal=lambda: setattr(server, "should_exit", True))
     name = config.served_model_name
-    app = build_app(engine, name, api_key=args.api_key)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
+    app = build_app(engine, name, api_key=args.api_key, limits=Limits(max_body_bytes=args.max_request_body_bytes),
+                    trust_request_chat_template=args.trust_request_chat_template)
+    server = Server(uvicorn.Config(app, log_level=args.log_level), engine, grace=args.shutdown_timeout)
     try:
         asyncio.run(_run_until_stopped(server, sock, name, start))
     finally:
         engine.shutdown()
+    if engine.error is not None:
+        logger.error("Exiting because the engine loop died: %r", engine.error)
+        return 1
     return 0
 
 
@@ -214,7 +228,7 @@ def engine_config(args) -> EngineConfig:
         raise ValueError("Only --tensor-parallel-size 1 is supported")
     names = ["tokenizer", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "dtype",
              "device", "seed", "gpu_memory_utilization", "enable_prefix_caching", "speculative_config",
-             "compilation_config", "attention_backend", "load_format"]
+             "compilation_config", "attention_backend", "load_format", "max_n_sequences"]
     kwargs = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     served = getattr(args, "served_model_name", None) or model or DEFAULT_MODEL_NAME
     return EngineConfig(model=model, enforce_eager=args.enforce_eager, served_model_name=served, **kwargs)

@@ -32,9 +32,10 @@ class EngineConfig:
     num_gpu_blocks_override: int | None = None  # fix the KV pool size (tests use it to force preemption)
     speculative_config: dict | None = None
     served_model_name: str | None = None
+    max_n_sequences: int = 64  # largest `n` one request may ask for (vLLM: VLLM_MAX_N_SEQUENCES)
 
     def __post_init__(self):
-        positive = ["max_num_seqs", "max_num_batched_tokens", "block_size"]
+        positive = ["max_num_seqs", "max_num_batched_tokens", "block_size", "max_n_sequences"]
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")

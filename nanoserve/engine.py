@@ -10,6 +10,7 @@ Not thread-safe: a server calls `add_request`/`abort_request` between steps (see
 """
 import itertools
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,8 @@ from .default_model import resolve_model
 from .runner import ModelRunner
 from .sampling import ParamError, SamplingParams
 from .scheduler import DraftModelProposer, NgramProposer, Scheduler, Sequence
+
+logger = logging.getLogger("nanoserve")
 
 # Prompt tokens kept as context so the first generated token decodes with its leading space.
 DETOKENIZE_CONTEXT = 6
@@ -99,6 +102,7 @@ class _Request:
     logprobs: list[list[dict[int, Logprob]]]
     cumulative_logprobs: list[float]
     arrival_time: float = field(default_factory=time.monotonic)
+    failed: bool = False  # the engine could not process it: it ends with finish_reason "error"
 
     @property
     def finished(self) -> bool:
@@ -120,6 +124,7 @@ class LLMEngine:
         self.seq_owner: dict[int, tuple[_Request, int]] = {}
         self._seq_ids = itertools.count()
         self.num_prompt_tokens = self.num_generation_tokens = 0
+        self.num_failed_steps = 0  # consecutive; the server gives up on a device that fails every step
 
     def _make_proposer(self):
         spec = self.config.speculative_config
@@ -154,28 +159,40 @@ class LLMEngine:
         raise ParamError("A prompt must be a string or a list of token ids", "prompt")
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> None:
+        """Validate everything, then queue one sequence per sample. All or nothing: a request that fails a check
+        leaves no trace, so no half-registered request can trip a later step."""
         if request_id in self.requests:
             raise ParamError(f"Request id {request_id!r} is already in use", "request_id")
         text, ids = self.tokenize(prompt)
         self.validate_prompt(ids)
-        if params is not None and params.stop and self.tokenizer is None:
-            raise ParamError("Stop strings need a tokenizer (the engine runs with skip_tokenizer_init)", "stop")
-        if params is not None and any(not 0 <= t < self.vocab_size for t in params.stop_token_ids):
-            raise ParamError(f"stop_token_ids must be token ids below {self.vocab_size}", "stop_token_ids")
         params = (params or SamplingParams()).resolve(self.generation_config)
+        self.validate_params(params)
+        # Seeded parallel samples must differ from each other, so each one gets its own seed; making them all here
+        # checks every seed's range before anything is queued.
+        children = [params if params.seed is None else replace(params, seed=params.seed + i) for i in range(params.n)]
         req = _Request(request_id, text, ids, params, [], [], [[] for _ in range(params.n)], [0.0] * params.n)
-        for i in range(params.n):
-            # Seeded parallel samples must differ from each other, so each one gets its own seed.
-            child = params if params.seed is None else replace(params, seed=params.seed + i)
+        for i, child in enumerate(children):
             seq = Sequence(next(self._seq_ids), list(ids), len(ids), child)
             if i > 0 and self.config.enable_prefix_caching:
                 seq.waits_for = req.seqs[0]
             req.seqs.append(seq)
             req.detokenizers.append(Detokenizer(self.tokenizer, ids, params.skip_special_tokens))
+        for i, seq in enumerate(req.seqs):
             self.seq_owner[seq.seq_id] = (req, i)
             self.scheduler.add(seq)
         self.requests[request_id] = req
         self.num_prompt_tokens += len(ids)
+
+    def validate_params(self, params: SamplingParams) -> None:
+        """The checks that need the engine (vocabulary, limits); SamplingParams checks the rest itself."""
+        if params.n > self.config.max_n_sequences:
+            raise ParamError(f"n must be at most {self.config.max_n_sequences}, got {params.n}", "n")
+        if params.stop and self.tokenizer is None:
+            raise ParamError("Stop strings need a tokenizer (the engine runs with skip_tokenizer_init)", "stop")
+        if any(not 0 <= t < self.vocab_size for t in params.stop_token_ids):
+            raise ParamError(f"stop_token_ids must be token ids below {self.vocab_size}", "stop_token_ids")
+        if any(not 0 <= t < self.vocab_size for t in params.logit_bias or {}):
+            raise ParamError(f"logit_bias keys must be token ids below {self.vocab_size}", "logit_bias")
 
     def validate_prompt(self, ids: list[int]) -> None:
         if not ids:
@@ -201,23 +218,58 @@ class LLMEngine:
     def step(self, final_only: bool = False) -> list[RequestOutput]:
         """One scheduling + forward + sampling round. Returns an output for every request that advanced, or with
         `final_only` (the offline API) only for those that finished: building the others' outputs every step
-        copies every sequence's tokens, a cost that grows with the batch and the output length."""
+        copies every sequence's tokens, a cost that grows with the batch and the output length.
+
+        Faults stay with the requests they touch: if the model step fails, the requests in that batch end with
+        finish_reason "error"; if one request's output processing fails, only that request does. Either way
+        their blocks go back and the next step serves everyone else."""
         batch = self.scheduler.schedule()
         if not batch.scheduled:
             return []
-        tokens, logprobs = self.runner.execute(batch)
-        self.scheduler.update(batch, tokens)
+        try:
+            tokens, logprobs = self.runner.execute(batch)
+            self.scheduler.update(batch, tokens)
+        except Exception:
+            self.num_failed_steps += 1
+            owners = {self.seq_owner[i.seq.seq_id][0].request_id: self.seq_owner[i.seq.seq_id][0]
+                      for i in batch.scheduled if i.seq.seq_id in self.seq_owner}
+            logger.exception("A model step failed; failing its %d requests", len(owners))
+            for req in owners.values():
+                self._fail(req)
+            return self._outputs(list(owners.values()), final_only)
+        self.num_failed_steps = 0
         touched = {}
         for item, new_tokens, entries in zip(batch.scheduled, tokens, logprobs):
             if new_tokens and item.seq.seq_id in self.seq_owner:
                 req, index = self.seq_owner[item.seq.seq_id]
-                self._process_tokens(req, index, item, new_tokens, entries)
                 touched[req.request_id] = req
-        done = [req for req in touched.values() if req.finished]
-        outputs = [self._output(req) for req in (done if final_only else touched.values())]
-        for req in done:
-            self._forget(req)
+                try:
+                    self._process_tokens(req, index, item, new_tokens, entries)
+                except Exception:
+                    logger.exception("Processing the output of request %s failed", req.request_id)
+                    self._fail(req)
+        return self._outputs(list(touched.values()), final_only)
+
+    def _outputs(self, reqs: list[_Request], final_only: bool) -> list[RequestOutput]:
+        outputs = []
+        for req in reqs:
+            if final_only and not req.finished:
+                continue
+            try:
+                outputs.append(self._output(req))
+            except Exception:
+                logger.exception("Building the output of request %s failed", req.request_id)
+                self._fail(req)
+                outputs.append(self._output(req))
+            if req.finished:
+                self._forget(req)
         return outputs
+
+    def _fail(self, req: _Request) -> None:
+        """End a request the engine could not process: finish_reason "error", blocks back to the pool now."""
+        req.failed = True
+        for seq in req.seqs:
+            self.scheduler.finish(seq, "error")
 
     def _process_tokens(self, req: _Request, index: int, item, new_tokens: list[int], entries: list) -> None:
         seq = item.seq
@@ -266,6 +318,9 @@ class LLMEngine:
         return False
 
     def _output(self, req: _Request) -> RequestOutput:
+        if req.failed:  # no partial text: the caller reports an error, not a truncated answer
+            outputs = [CompletionOutput(i, "", [], None, None, "error") for i in range(len(req.seqs))]
+            return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, True)
         # While a sequence runs, hold back the characters that could still become the start of a stop string.
         hold = max((len(s) for s in req.params.stop), default=1) - 1
         outputs = []

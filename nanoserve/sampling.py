@@ -31,6 +31,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top log-probabilities returned beside the sampled token
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit before sampling (OpenAI's)
 
     def __post_init__(self):
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -51,6 +52,9 @@ class SamplingParams:
         _check(all(self.stop), "stop cannot contain an empty string", "stop")
         _check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]", "logprobs")
         _check(self.seed is None or -2**63 <= self.seed < 2**64, "seed must fit in 64 bits", "seed")
+        self.logit_bias = {int(t): float(b) for t, b in (self.logit_bias or {}).items()} or None
+        _check(all(-100 <= b <= 100 for b in (self.logit_bias or {}).values()),
+               "logit_bias values must be in [-100, 100]", "logit_bias")
 
     def resolve(self, generation_config: dict) -> "SamplingParams":
         """Fill unset fields from the model's generation_config, then from OpenAI's defaults."""
@@ -139,11 +143,15 @@ def target_probs(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tenso
 
 
 def _penalize(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
-    """Penalties and banned tokens, on a copy: the caller's raw logits still serve for logprobs."""
-    if not any(row.params.has_penalties or row.banned_token_ids for row in rows):
+    """Penalties, logit bias and banned tokens, on a copy: the caller's raw logits still serve for logprobs
+    (as in vLLM, logprobs describe the model's distribution, before any of these)."""
+    if not any(row.params.has_penalties or row.banned_token_ids or row.params.logit_bias for row in rows):
         return logits  # nothing to change: skip the copy of a [rows, vocab] tensor
     logits = _apply_penalties(logits.to(torch.float32, copy=True), rows)
     for i, row in enumerate(rows):
+        if row.params.logit_bias:
+            bias = row.params.logit_bias
+            logits[i, list(bias)] += torch.tensor(list(bias.values()), device=logits.device)
         if row.banned_token_ids:
             logits[i, row.banned_token_ids] = float("-inf")
     return logits

@@ -1,18 +1,24 @@
 """The OpenAI-compatible HTTP server (Starlette), following vLLM's contract (docs: shared/notes/vllm-contract.md).
 
-A JSON body comes in; it is checked and turned into token ids and `SamplingParams` here, on the event loop;
-`AsyncLLMEngine.generate` hands it to the engine thread and returns a stream of `RequestOutput`s, which are
-rendered either as one JSON response or as Server-Sent Events. A client that goes away aborts its requests.
-The same streams feed the Prometheus histograms served at /metrics.
+A request body arrives (bounded in size); a worker thread parses and checks it (protocol.py) and turns it into
+token ids and `SamplingParams`, so that JSON parsing, chat templates and tokenization never stall the event loop.
+`AsyncLLMEngine.generate` hands each prompt to the engine thread and returns a stream of `RequestOutput`s, which
+are rendered either as one JSON response or as Server-Sent Events. A client that goes away aborts its requests.
+The same streams feed the Prometheus metrics served at /metrics.
+
+Errors are OpenAI-style JSON with the right status; a 500 says nothing about the server's internals (the
+traceback goes to the log). On shutdown (`Server`), running requests get a grace period, then a 503.
 """
 import asyncio
 import hmac
 import itertools
 import json
+import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
-from jinja2 import TemplateError
+import uvicorn
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
@@ -21,69 +27,109 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import __version__
-from .async_engine import AsyncLLMEngine, RequestStream
+from .async_engine import AsyncLLMEngine, EngineUnavailable, RequestFailed, RequestStream
 from .engine import Logprob, RequestOutput
 from .metrics import Metrics
+from .protocol import (APIError, Limits, all_of, chat_messages, check_unsupported, completion_prompts, error_body,
+                       get, parse_body, sampling_fields, template_kwargs)
 from .sampling import ParamError, SamplingParams
 
-ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError"}
-# Body fields passed to SamplingParams as they are, with the JSON type each must have.
-SAMPLING_FIELDS = {"n": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float, "seed": int,
-                   "presence_penalty": float, "frequency_penalty": float, "repetition_penalty": float,
-                   "min_tokens": int, "include_stop_str_in_output": bool, "ignore_eos": bool,
-                   "skip_special_tokens": bool}
+logger = logging.getLogger("nanoserve")
+# Routes that stay open with --api-key: probes and scrapers. Everything else, /tokenize and /detokenize included
+# (they run the tokenizer and the chat template), needs the key.
+OPEN_ROUTES = ("/health", "/metrics", "/version")
 
 
-class APIError(Exception):
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
-        super().__init__(message)
-        self.status, self.param = status, param
-
-
-def error_body(message: str, status: int, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "InternalServerError"),
-                      "param": param, "code": status}}
-
-
-def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None) -> Starlette:
-    api = OpenAIServer(engine, served_model_name)
+def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None,
+              limits: Limits = Limits(), trust_request_chat_template: bool = False) -> Starlette:
+    api = OpenAIServer(engine, served_model_name, limits, trust_request_chat_template)
     routes = [Route("/v1/models", api.models), Route("/v1/completions", api.completions, methods=["POST"]),
               Route("/v1/chat/completions", api.chat, methods=["POST"]), Route("/health", api.health),
               Route("/version", api.version), Route("/tokenize", api.tokenize, methods=["POST"]),
               Route("/detokenize", api.detokenize, methods=["POST"]), Route("/metrics", api.metrics)]
-    handlers = {APIError: _api_error, ParamError: _api_error, Exception: _internal_error}
+    handlers = {cls: _error_response for cls in (APIError, ParamError, EngineUnavailable, RequestFailed, Exception)}
     middleware = [Middleware(ApiKeyMiddleware, api_key=api_key)] if api_key else []
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
 
 
-async def _api_error(request: Request, exc: Exception) -> JSONResponse:
-    status = getattr(exc, "status", 400)
-    return JSONResponse(error_body(str(exc), status, exc.param), status_code=status)
+def _error_of(exc: Exception) -> tuple[str, int, str | None]:
+    """(message, status, param) for a client: what went wrong in its terms, never our internals."""
+    if isinstance(exc, (APIError, ParamError)):
+        return str(exc), getattr(exc, "status", 400), exc.param
+    if isinstance(exc, EngineUnavailable):
+        return str(exc), 503, None
+    if isinstance(exc, RequestFailed):
+        return str(exc), 500, None
+    return "Internal server error", 500, None
 
 
-async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse(error_body(f"{type(exc).__name__}: {exc}", 500), status_code=500)
+async def _error_response(request: Request, exc: Exception) -> JSONResponse:
+    message, status, param = _error_of(exc)
+    return JSONResponse(error_body(message, status, param), status_code=status)
 
 
 class ApiKeyMiddleware:
-    """401 on /v1/* without `Authorization: Bearer <key>`; the other routes stay open, as in vLLM."""
+    """401 without `Authorization: Bearer <key>` on every route but OPEN_ROUTES."""
 
     def __init__(self, app, api_key: str):
         self.app, self.expected = app, f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and scope["path"] not in OPEN_ROUTES:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):  # constant time: no key guessing by timing
                 return await JSONResponse({"error": "Unauthorized"}, status_code=401)(scope, receive, send)
         await self.app(scope, receive, send)
 
 
+class Workers:
+    """A small thread pool for request preparation (JSON, chat template, tokenizer), with a bounded queue: past
+    `max_pending` waiting jobs a request gets a 503 at once instead of piling up memory and latency. The counter
+    is only touched on the event loop, so it needs no lock."""
+
+    def __init__(self, threads: int = 2, max_pending: int = 64):
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="nanoserve-prepare")
+        self.pending, self.max_pending = 0, max_pending
+
+    async def run(self, fn, *args):
+        if self.pending >= self.max_pending:
+            raise APIError("The server is busy preparing other requests; retry later", status=503)
+        self.pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        finally:
+            self.pending -= 1
+
+
+class Server(uvicorn.Server):
+    """uvicorn with a graceful shutdown. On SIGTERM it stops accepting connections and requests (/health turns
+    503), lets running requests finish for `grace` seconds, then ends the rest cleanly: a JSON 503, or an error
+    event and `data: [DONE]` on a stream, instead of a cut connection."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLMEngine, grace: float):
+        config.timeout_graceful_shutdown = grace + 5  # time for the ended requests to send their last bytes
+        super().__init__(config)
+        self.engine, self.grace = engine, grace
+
+    async def shutdown(self, sockets=None) -> None:
+        self.engine.stop_accepting()
+        logger.info("Shutting down: %d requests running get %.0f s to finish",
+                    self.engine.stats["num_requests_running"] + self.engine.stats["num_requests_waiting"], self.grace)
+        end = asyncio.get_running_loop().call_later(self.grace, self.engine.fail_all, "The server is shutting down")
+        try:
+            await super().shutdown(sockets)
+        finally:
+            end.cancel()
+
+
 class OpenAIServer:
-    def __init__(self, engine: AsyncLLMEngine, served_model_name: str):
+    def __init__(self, engine: AsyncLLMEngine, served_model_name: str, limits: Limits,
+                 trust_request_chat_template: bool):
         self.engine, self.core, self.name = engine, engine.engine, served_model_name
         self.tokenizer, self.max_model_len = self.core.tokenizer, self.core.max_model_len
+        self.limits, self.trust_template = limits, trust_request_chat_template
         self.registry = Metrics(served_model_name)
+        self.workers = Workers()
 
     async def models(self, request: Request) -> JSONResponse:
         card = {"id": self.name, "object": "model", "created": int(time.time()), "owned_by": "nanoserve",
@@ -91,7 +137,7 @@ class OpenAIServer:
         return JSONResponse({"object": "list", "data": [card]})
 
     async def health(self, request: Request) -> Response:
-        return Response(status_code=200 if self.engine.is_alive else 503)
+        return Response(status_code=200 if self.engine.is_ready else 503)
 
     async def version(self, request: Request) -> JSONResponse:
         return JSONResponse({"version": __version__})
@@ -99,55 +145,85 @@ class OpenAIServer:
     async def metrics(self, request: Request) -> Response:
         return Response(self.registry.render(self.engine.stats), media_type="text/plain; version=0.0.4")
 
+    async def _prepare(self, request: Request, prepare):
+        """Read the body (bounded), then run `prepare(raw_body)` on a worker thread."""
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        too_big = APIError(f"The request body exceeds {limit} bytes", status=413)
+        if declared.isdigit() and int(declared) > limit:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        return await self.workers.run(prepare, b"".join(chunks))
+
     async def tokenize(self, request: Request) -> JSONResponse:
-        body = await _json_body(request)
+        return JSONResponse(await self._prepare(request, self._tokenize))
+
+    def _tokenize(self, raw: bytes) -> dict:
+        body = parse_body(raw)
         if "messages" in body:
-            ids = self._chat_prompt(body, add_special_tokens=_get(body, "add_special_tokens", bool, False))
+            ids = self._chat_prompt(body, add_special_tokens=get(body, "add_special_tokens", bool, False))
         else:
-            prompt = _get(body, "prompt", str, None)
+            prompt = get(body, "prompt", str, None)
             if prompt is None:
                 raise APIError("Either prompt or messages is required", param="prompt")
-            ids = self.tokenizer(prompt, add_special_tokens=_get(body, "add_special_tokens", bool, True)).input_ids
-        return JSONResponse({"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids})
+            ids = self.tokenizer(prompt, add_special_tokens=get(body, "add_special_tokens", bool, True)).input_ids
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
 
     async def detokenize(self, request: Request) -> JSONResponse:
-        ids = self._vocab_ids((await _json_body(request)).get("tokens"), "tokens")
-        return JSONResponse({"prompt": self.tokenizer.decode(ids)})
+        return JSONResponse(await self._prepare(request, self._detokenize))
+
+    def _detokenize(self, raw: bytes) -> dict:
+        ids = self._vocab_ids(parse_body(raw).get("tokens"), "tokens")
+        return {"prompt": self.tokenizer.decode(ids)}
 
     def _vocab_ids(self, ids, name: str) -> list[int]:
-        if not _all(ids, int) or any(not 0 <= t < self.core.vocab_size for t in ids):
+        if not all_of(ids, int) or any(not 0 <= t < self.core.vocab_size for t in ids):
             raise APIError(f"{name} must be a list of token ids in [0, {self.core.vocab_size})", param=name)
         return ids
 
     async def completions(self, request: Request) -> Response:
-        body = await _json_body(request)
-        self._check_model(body)
-        prompts = [self._prompt(p) for p in _completion_prompts(body.get("prompt"))]
-        logprobs = _get(body, "logprobs", int, None)
-        echo = _get(body, "echo", bool, False)
-        if echo and logprobs is not None:
-            raise APIError("echo with logprobs needs prompt logprobs, which nanoserve does not compute yet",
-                           param="echo")
-        params = [self._params(body, len(ids), 16, logprobs) for _, ids in prompts]
+        body, prompts, params, echo = await self._prepare(request, self._prepare_completion)
         render = CompletionRender(self.tokenizer, prompts, echo, params[0].n)
         return await self._serve(request, body, f"cmpl-{uuid.uuid4().hex}", prompts, params, render)
 
+    def _prepare_completion(self, raw: bytes):
+        body = self._checked_body(raw)
+        prompts = [self._prompt(p) for p in completion_prompts(body.get("prompt"), self.limits)]
+        logprobs = get(body, "logprobs", int, None)
+        echo = get(body, "echo", bool, False)
+        if echo and logprobs is not None:
+            raise APIError("echo with logprobs needs prompt logprobs, which nanoserve does not compute yet",
+                           param="echo")
+        return body, prompts, [self._params(body, len(ids), 16, logprobs) for _, ids in prompts], echo
+
     async def chat(self, request: Request) -> Response:
-        body = await _json_body(request)
-        self._check_model(body)
-        ids = self._chat_prompt(body, add_special_tokens=False)  # the template already wrote special tokens
-        self.core.validate_prompt(ids)
-        want, top = _get(body, "logprobs", bool, False), _get(body, "top_logprobs", int, None)
-        if top is not None and not want:
-            raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
-        params = self._params(body, len(ids), None, (top or 0) if want else None)
+        body, ids, params, top = await self._prepare(request, self._prepare_chat)
         render = ChatRender(params.n, top or 0)
         return await self._serve(request, body, f"chatcmpl-{uuid.uuid4().hex}", [(None, ids)], [params], render)
 
-    def _check_model(self, body: dict) -> None:
+    def _prepare_chat(self, raw: bytes):
+        body = self._checked_body(raw)
+        ids = self._chat_prompt(body, add_special_tokens=False)  # the template already wrote special tokens
+        self.core.validate_prompt(ids)
+        want, top = get(body, "logprobs", bool, False), get(body, "top_logprobs", int, None)
+        if top is not None and not want:
+            raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        return body, ids, self._params(body, len(ids), None, (top or 0) if want else None), top
+
+    def _checked_body(self, raw: bytes) -> dict:
+        body = parse_body(raw)
         model = body.get("model")
         if model is not None and model != self.name:
-            raise APIError(f"The model `{model}` does not exist.", status=404, param="model")
+            raise APIError(f"The model `{_clip(model)}` does not exist.", status=404, param="model")
+        check_unsupported(body)
+        if get(body, "stream_options", dict, None) is not None and not get(body, "stream", bool, False):
+            raise APIError("stream_options can only be set when stream is true", param="stream_options")
+        return body
 
     def _prompt(self, prompt) -> tuple[str | None, list[int]]:
         text, ids = self.core.tokenize(prompt)
@@ -155,28 +231,19 @@ class OpenAIServer:
         return text, ids
 
     def _chat_prompt(self, body: dict, add_special_tokens: bool) -> list[int]:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            raise APIError("messages must be a non-empty list of objects", param="messages")
+        messages, kwargs = chat_messages(body), template_kwargs(body, self.trust_template)
         try:
             text = self.tokenizer.apply_chat_template(
-                [_flatten_content(m) for m in messages], tokenize=False,
-                add_generation_prompt=_get(body, "add_generation_prompt", bool, True),
-                **_get(body, "chat_template_kwargs", dict, {}))
-        except (ValueError, TypeError, KeyError, TemplateError) as exc:  # no template, or the template refuses
-            raise APIError(f"Cannot apply the chat template: {exc}", param="messages") from None
+                messages, tokenize=False, add_generation_prompt=get(body, "add_generation_prompt", bool, True),
+                continue_final_message=get(body, "continue_final_message", bool, False), **kwargs)
+        except Exception as exc:  # no template, or the template refuses these messages: the request's fault
+            raise APIError(f"Cannot apply the chat template: {_clip(str(exc), 300)}", param="messages") from None
         return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
 
     def _params(self, body: dict, prompt_len: int, default_max: int | None, logprobs: int | None) -> SamplingParams:
-        fields = {name: _get(body, name, kind, None) for name, kind in SAMPLING_FIELDS.items()}
-        stop = body.get("stop")
-        if stop is not None and not (isinstance(stop, str) or _all(stop, str)):
-            raise APIError("stop must be a string or a list of strings", param="stop")
-        fields.update(stop=stop, stop_token_ids=self._vocab_ids(body.get("stop_token_ids") or [], "stop_token_ids"))
-        if fields["seed"] is not None and not -2**63 <= fields["seed"] < 2**64:  # torch's range; else the step fails
-            raise APIError("seed must fit in 64 bits", param="seed")
-        requested = _get(body, "max_completion_tokens", int, None)
-        requested = requested if requested is not None else _get(body, "max_tokens", int, None)
+        fields = sampling_fields(body, self.limits, self.max_model_len)
+        requested = get(body, "max_completion_tokens", int, None)
+        requested = requested if requested is not None else get(body, "max_tokens", int, None)
         if requested is not None and prompt_len + requested > self.max_model_len:
             raise APIError(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
                            f"requested {requested} output tokens and your prompt contains {prompt_len} input "
@@ -184,13 +251,12 @@ class OpenAIServer:
                            "of the input prompt or the number of requested output tokens.", param="max_tokens")
         if requested is None and default_max is not None:  # the default shrinks to fit; an explicit value does not
             requested = min(default_max, self.max_model_len - prompt_len)
-        return SamplingParams(**{k: v for k, v in fields.items() if v is not None}, max_tokens=requested,
-                              logprobs=logprobs)
+        params = SamplingParams(**fields, max_tokens=requested, logprobs=logprobs)
+        self.core.validate_params(params)  # n, vocabulary: checked before anything is queued
+        return params
 
     async def _serve(self, request, body, request_id, prompts, params, render) -> Response:
-        stream, options = _get(body, "stream", bool, False), _get(body, "stream_options", dict, None)
-        if options is not None and not stream:
-            raise APIError("stream_options can only be set when stream is true", param="stream_options")
+        stream, options = get(body, "stream", bool, False), get(body, "stream_options", dict, None)
         streams = await self._start(request_id, prompts, params)
         meta = {"id": request_id, "created": int(time.time()), "model": self.name}
         if stream:
@@ -240,6 +306,8 @@ class OpenAIServer:
                     out = future.result()  # an engine error raises here
                     if out.finished:
                         self.registry.observe(streams[i], out)
+                        if any(o.finish_reason == "error" for o in out.outputs):
+                            raise RequestFailed("The engine failed while processing this request")
                     else:
                         pending[asyncio.ensure_future(anext(streams[i]))] = i
                     yield i, out
@@ -261,7 +329,10 @@ class OpenAIServer:
             if include_usage:
                 yield _sse({**chunk, "choices": [], "usage": _usage(finals)})
         except Exception as exc:  # headers are sent: the error can only travel as an event
-            yield _sse(error_body(str(exc), 400 if isinstance(exc, ValueError) else 500))
+            message, status, param = _error_of(exc)
+            if status == 500 and not isinstance(exc, RequestFailed):
+                logger.exception("Stream %s failed", meta["id"])
+            yield _sse(error_body(message, status, param))
         finally:
             await self._close(streams)
         yield "data: [DONE]\n\n"
@@ -385,44 +456,6 @@ async def _unless_disconnected(request: Request, work):
     return task.result() if task.done() and not task.cancelled() else None
 
 
-async def _json_body(request: Request) -> dict:
-    try:
-        body = json.loads(await request.body())
-    except ValueError as exc:  # also bad UTF-8
-        raise APIError(f"Malformed JSON body: {exc}") from None
-    if not isinstance(body, dict):
-        raise APIError("The JSON body must be an object")
-    return body
-
-
-def _get(body: dict, name: str, kind: type, default):
-    """body[name] checked against a JSON type (int is not bool; float accepts int); None means unset."""
-    value = body.get(name)
-    if value is None:
-        return default
-    ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
-    if not ok or (kind is not bool and isinstance(value, bool)):
-        raise APIError(f"{name} must be of type {kind.__name__}, got {value!r}", param=name)
-    return value
-
-
-def _all(values, kind) -> bool:
-    return isinstance(values, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in values)
-
-
-def _completion_prompts(prompt) -> list:
-    """A string, a list of strings, a list of token ids or a list of such lists -> a list of prompts."""
-    if isinstance(prompt, str) or (_all(prompt, int) and prompt):
-        return [prompt]
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or (_all(p, int) and p) for p in prompt):
-        return prompt
-    raise APIError("prompt must be a non-empty string, list of strings, list of token ids or list of lists of "
-                   "token ids", param="prompt")
-
-
-def _flatten_content(message: dict) -> dict:
-    """OpenAI content parts [{"type": "text", "text": ...}] -> one string, which chat templates expect."""
-    content = message.get("content")
-    if isinstance(content, list):
-        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return {**message, "content": content if content is not None else ""}
+def _clip(text, limit: int = 100) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
