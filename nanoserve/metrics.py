@@ -1,9 +1,14 @@
 """Prometheus metrics with vLLM's names, so dashboards and benchmarks written for vLLM work unchanged.
 
-Gauges and counters are read from the engine's stats snapshot (`AsyncLLMEngine.stats`); histograms are fed by the
-server with each finished request's timings (`RequestStream`: arrival, first scheduled, every token). `render()`
-writes the Prometheus text format for GET /metrics: prefix `vllm:`, label `model_name`, counters with `_total`.
+Gauges and counters are read from the engine's stats snapshot (`AsyncLLMEngine.stats`) at scrape time; histograms
+and the per-reason success counter are fed by the server with each finished request (`RequestStream`: arrival,
+first scheduled, every token). `render()` writes the Prometheus text format for GET /metrics through
+`prometheus_client`: prefix `vllm:`, label `model_name`, counters with `_total`.
 """
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
 from .async_engine import RequestStream
 from .engine import RequestOutput
 
@@ -11,34 +16,64 @@ TIME_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
 TOKEN_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000]
 
+GAUGES = {"num_requests_running": "Number of requests in model execution batches.",
+          "num_requests_waiting": "Number of requests waiting to be processed.",
+          "kv_cache_usage_perc": "KV-cache usage. 1 means 100 percent usage."}
+COUNTERS = {"prompt_tokens": "Number of prefill tokens processed.",
+            "generation_tokens": "Number of generation tokens processed.",
+            "num_preemptions": "Cumulative number of preemptions from the engine.",
+            "prefix_cache_queries": "Prefix cache queries, in terms of number of queried tokens.",
+            "prefix_cache_hits": "Prefix cache hits, in terms of number of cached tokens.",
+            "spec_decode_num_drafts": "Number of spec decoding drafts.",
+            "spec_decode_num_draft_tokens": "Number of draft tokens.",
+            "spec_decode_num_accepted_tokens": "Number of accepted tokens."}
+TIME_HISTOGRAMS = {"time_to_first_token_seconds": "Histogram of time to first token in seconds.",
+                   "inter_token_latency_seconds": "Histogram of inter-token latency in seconds.",
+                   "e2e_request_latency_seconds": "Histogram of e2e request latency in seconds.",
+                   "request_queue_time_seconds": "Histogram of time spent in WAITING phase for request."}
+TOKEN_HISTOGRAMS = {"request_prompt_tokens": "Number of prefill tokens processed.",
+                    "request_generation_tokens": "Number of generation tokens processed."}
 
-class Histogram:
-    def __init__(self, buckets: list[float]):
-        self.buckets, self.counts, self.sum, self.count = buckets, [0] * len(buckets), 0.0, 0
 
-    def observe(self, value: float) -> None:
-        self.sum, self.count = self.sum + value, self.count + 1
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1  # cumulative, as Prometheus buckets are
+class _StatsCollector:
+    """Exposes the engine's own gauges and counters: the engine keeps the totals, so they are read at scrape time
+    rather than mirrored into prometheus_client objects."""
+
+    def __init__(self, model_name: str):
+        self.model_name, self.stats = model_name, {}
+
+    def collect(self):
+        # Only what the snapshot holds: spec-decode counters appear once the engine has a drafter.
+        for name in (n for n in GAUGES if n in self.stats):
+            yield self._family(GaugeMetricFamily, name, GAUGES[name])
+        for name in (n for n in COUNTERS if n in self.stats):
+            yield self._family(CounterMetricFamily, name, COUNTERS[name])
+
+    def _family(self, kind, name: str, help_text: str):
+        family = kind(f"vllm:{name}", help_text, labels=["model_name"])
+        family.add_metric([self.model_name], float(self.stats[name]))
+        return family
 
 
 class Metrics:
-    """vLLM's metric names (prefix `vllm:`, label model_name); gauges and counters come from the engine's stats,
-    histograms from the request streams' timings."""
-    GAUGES = ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"]
-    COUNTERS = ["prompt_tokens", "generation_tokens", "num_preemptions", "prefix_cache_queries", "prefix_cache_hits",
-                "spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens"]
+    """vLLM's metrics for one server: its own registry, so two servers in one process never share a series."""
+    # What generate_latest writes; prometheus_client serves it under this type when no newer one is negotiated.
+    content_type = CONTENT_TYPE_PLAIN_0_0_4
 
     def __init__(self, model_name: str):
-        escaped = model_name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        self.label = f'model_name="{escaped}"'
-        self.success: dict[str, int] = {}
-        self.histograms = {name: Histogram(TIME_BUCKETS) for name in (
-            "time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
-            "request_queue_time_seconds")}
-        self.histograms.update({name: Histogram(TOKEN_BUCKETS) for name in (
-            "request_prompt_tokens", "request_generation_tokens")})
+        self.registry = CollectorRegistry()
+        self.engine_stats = _StatsCollector(model_name)
+        self.registry.register(self.engine_stats)
+        success = Counter("vllm:request_success", "Count of successfully processed requests.",
+                          ["finished_reason", "model_name"], registry=self.registry)
+        self.success = lambda reason: success.labels(reason, model_name)
+        for reason in ("stop", "length", "abort"):  # present at 0 from the start, so rate() sees the first one
+            self.success(reason)
+        self.histograms = {
+            name: Histogram(f"vllm:{name}", help_text, ["model_name"], registry=self.registry,
+                            buckets=buckets).labels(model_name)
+            for table, buckets in ((TIME_HISTOGRAMS, TIME_BUCKETS), (TOKEN_HISTOGRAMS, TOKEN_BUCKETS))
+            for name, help_text in table.items()}
 
     def observe(self, stream: RequestStream, out: RequestOutput) -> None:
         h, times = self.histograms, stream.token_times
@@ -49,26 +84,12 @@ class Metrics:
         h["request_queue_time_seconds"].observe((stream.scheduled_time or times[0]) - stream.arrival_time)
         h["request_prompt_tokens"].observe(len(out.prompt_token_ids))
         h["request_generation_tokens"].observe(sum(len(o.token_ids) for o in out.outputs))
-        for o in out.outputs:
-            self.success[o.finish_reason] = self.success.get(o.finish_reason, 0) + 1
+        for o in out.outputs:  # "stop", "length", or "error" when the engine failed the request
+            self.success(o.finish_reason).inc()
 
     def count_abort(self) -> None:
-        self.success["abort"] = self.success.get("abort", 0) + 1
+        self.success("abort").inc()
 
     def render(self, stats: dict) -> str:
-        lines = []
-        for name in self.GAUGES:
-            lines += [f"# TYPE vllm:{name} gauge", f"vllm:{name}{{{self.label}}} {float(stats[name])}"]
-        for name in (n for n in self.COUNTERS if n in stats):  # spec-decode counters appear once the engine has them
-            lines += [f"# TYPE vllm:{name} counter", f"vllm:{name}_total{{{self.label}}} {float(stats[name])}"]
-        lines.append("# TYPE vllm:request_success counter")
-        for reason in sorted({"stop", "length", "abort"} | set(self.success)):
-            lines.append(f'vllm:request_success_total{{finished_reason="{reason}",{self.label}}} '
-                         f"{float(self.success.get(reason, 0))}")
-        for name, h in self.histograms.items():
-            lines.append(f"# TYPE vllm:{name} histogram")
-            for bound, count in zip(h.buckets + ["+Inf"], h.counts + [h.count]):
-                le = bound if bound == "+Inf" else float(bound)
-                lines.append(f'vllm:{name}_bucket{{le="{le}",{self.label}}} {float(count)}')
-            lines += [f"vllm:{name}_sum{{{self.label}}} {h.sum}", f"vllm:{name}_count{{{self.label}}} {float(h.count)}"]
-        return "\n".join(lines) + "\n"
+        self.engine_stats.stats = stats  # the collector reads this snapshot during generate_latest
+        return generate_latest(self.registry).decode()

@@ -143,7 +143,7 @@ class OpenAIServer:
         return JSONResponse({"version": __version__})
 
     async def metrics(self, request: Request) -> Response:
-        return Response(self.registry.render(self.engine.stats), media_type="text/plain; version=0.0.4")
+        return Response(self.registry.render(self.engine.stats), media_type=self.registry.content_type)
 
     async def _prepare(self, request: Request, prepare):
         """Read the body (bounded), then run `prepare(raw_body)` on a worker thread."""
