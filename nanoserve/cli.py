@@ -96,6 +96,9 @@ def build_parser(command: str) -> Parser:
     e.add_argument("--load-format", choices=["auto", "dummy"], help="dummy: random weights (benchmarks)")
     e.add_argument("--generation-config", default="auto", metavar="SRC", help="sampling defaults: 'auto' (the model's "
                    "generation_config.json), 'vllm' (none) or a directory (default: auto)")
+    e.add_argument("--override-generation-config", type=json.loads, metavar="JSON", help="sampling defaults on top "
+                   "of --generation-config, e.g. '{\"temperature\": 0, \"max_new_tokens\": 512}' (max_new_tokens: "
+                   "the default max_tokens of a request that sets none)")
     e.add_argument("--chat-template", metavar="TEMPLATE",
                    help="chat template file or inline Jinja (default: the tokenizer's)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(args) -> int:
-    """Serve until SIGTERM/SIGINT (exit 0) or until the engine loop dies (exit 1: let an orchestrator restart us)."""
+    """Serve until SIGTERM/SIGINT (uvicorn shuts down gracefully, then re-raises the signal, so the process ends
+    by it) or until the engine loop dies (exit 1: let an orchestrator restart us)."""
     import uvicorn
 
     from .async_engine import AsyncLLMEngine
@@ -235,12 +239,17 @@ def engine_config(args) -> EngineConfig:
 
 
 def _customized(engine, args):
-    """Apply --generation-config and --chat-template to a loaded engine."""
+    """Apply --generation-config, --override-generation-config and --chat-template to a loaded engine."""
     if args.generation_config == "vllm":
         engine.generation_config = {}
     elif args.generation_config != "auto":
         with open(os.path.join(args.generation_config, "generation_config.json")) as f:
             engine.generation_config = json.load(f)
+    override = getattr(args, "override_generation_config", None)
+    if override is not None:
+        if not isinstance(override, dict):
+            raise ValueError("--override-generation-config must be a JSON object")
+        engine.generation_config = {**engine.generation_config, **override}
     if args.chat_template:
         template = args.chat_template
         engine.tokenizer.chat_template = open(template).read() if os.path.isfile(template) else template

@@ -3,6 +3,9 @@
 It adds every prompt to an `LLMEngine` and steps it until all are done, showing a progress bar with the output
 token rate; continuous batching inside the engine does the rest. Outputs come back in input order.
 """
+import sys
+import time
+
 from tqdm.auto import tqdm
 
 from .config import EngineConfig
@@ -43,17 +46,25 @@ class LLM:
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm)
-        generated = 0
+        # A live bar on a terminal; elsewhere (a log file, CI) one summary line instead of carriage-return spray.
+        interactive = use_tqdm and sys.stderr.isatty()
+        bar = tqdm(total=len(ids), desc="Generating", unit="req", disable=not interactive)
+        generated, start = 0, time.perf_counter()
         while self.engine.has_unfinished_requests():
-            for out in self.engine.step(final_only=True):
-                if out.finished:
-                    done[out.request_id] = out
-                    generated += sum(len(o.token_ids) for o in out.outputs)
-                    bar.update(1)
-            rate = generated / bar.format_dict["elapsed"] if bar.format_dict["elapsed"] else 0.0
-            bar.set_postfix_str(f"output {rate:.1f} tok/s", refresh=False)
+            finished = [out for out in self.engine.step(final_only=True) if out.finished]
+            if not finished:
+                continue
+            for out in finished:
+                done[out.request_id] = out
+                generated += sum(len(o.token_ids) for o in out.outputs)
+            rate = generated / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix_str(f"output {rate:.1f} tok/s", refresh=False)  # shown by the update just below
+            bar.update(len(finished))
         bar.close()
+        if use_tqdm and not interactive:
+            seconds = time.perf_counter() - start
+            print(f"Generated {len(ids)} requests, {generated} tokens in {seconds:.1f} s "
+                  f"({generated / max(seconds, 1e-9):.1f} tok/s)", file=sys.stderr)
         return [done[i] for i in ids]
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True, add_generation_prompt: bool = True,

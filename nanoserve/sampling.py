@@ -57,17 +57,16 @@ class SamplingParams:
                "logit_bias values must be in [-100, 100]", "logit_bias")
 
     def resolve(self, generation_config: dict) -> "SamplingParams":
-        """Fill unset fields from the model's generation_config, then from OpenAI's defaults."""
+        """Fill unset fields from the model's generation_config, then from OpenAI's defaults. As in vLLM, the
+        config's `max_new_tokens` is the default `max_tokens`; as in transformers, `do_sample: false` is greedy."""
         defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
-        filled = {}
-        for name, fallback in defaults.items():
-            value = getattr(self, name)
-            if value is None:
-                value = generation_config.get(name)
-                if name == "temperature" and generation_config.get("do_sample") is False:
-                    value = None  # a model that samples greedily says so with do_sample, not temperature
-                value = fallback if value is None else value
-            filled[name] = value
+        config = dict(generation_config)
+        if config.get("do_sample") is False:
+            config["temperature"] = 0.0
+        filled = {name: fallback if config.get(name) is None else config[name] for name, fallback in defaults.items()
+                  if getattr(self, name) is None}
+        if self.max_tokens is None and isinstance(config.get("max_new_tokens"), int):
+            filled["max_tokens"] = config["max_new_tokens"]
         return replace(self, **filled)
 
     @property

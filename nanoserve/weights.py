@@ -6,6 +6,7 @@ is copied by name. Called once by the runner at start-up.
 """
 import glob
 import os
+import sys
 
 import torch
 from safetensors import safe_open
@@ -20,7 +21,8 @@ def load_weights(model: torch.nn.Module, model_dir: str) -> None:
     loaded = set()
     names = [(f, n) for f in files for n in _keys(f)]
     handles = {}
-    for file, name in tqdm(names, desc="Loading weights", unit="tensor", leave=False):
+    # A bar only on a terminal: in a log file it is a spray of carriage returns.
+    for file, name in tqdm(names, desc="Loading weights", unit="tensor", leave=False, disable=not sys.stderr.isatty()):
         handle = handles.get(file) or handles.setdefault(file, safe_open(file, framework="pt"))
         target = _copy_tensor(model, params, name.removeprefix("model."), handle.get_tensor(name))
         if target is not None:

@@ -176,3 +176,12 @@ def test_serve_prints_address_and_serves(processes):
     proc.send_signal(signal.SIGINT)  # Ctrl-C: uvicorn shuts down gracefully, then exits as interrupted
     assert proc.wait(timeout=60) in (0, 130)
     assert "Traceback" not in proc.stderr.read()
+
+
+def test_override_generation_config_flag():
+    args = cli.build_parser("serve").parse_args(["--override-generation-config", '{"max_new_tokens": 5, "top_k": 2}'])
+    engine = types.SimpleNamespace(generation_config={"temperature": 0.7, "top_k": 9}, tokenizer=None)
+    assert cli._customized(engine, args).generation_config == {"temperature": 0.7, "top_k": 2, "max_new_tokens": 5}
+    bad = cli.build_parser("serve").parse_args(["--override-generation-config", "[1]"])
+    with pytest.raises(ValueError, match="JSON object"):
+        cli._customized(engine, bad)

@@ -1,5 +1,6 @@
 """Fast tests for nanoserve.default_model (the real conversion is not run here)."""
 
+import json
 import subprocess
 
 import pytest
@@ -93,3 +94,27 @@ def test_interrupted_conversion_is_redone_and_download_failure_is_clear(monkeypa
     assert "\n" not in str(info.value)
     assert "No matching distribution" in str(info.value)
     assert not list(tmp_path.glob(".convert-*"))  # scratch dir cleaned up
+
+
+@pytest.mark.parametrize("env, where", [({"XDG_CACHE_HOME": "xdg"}, "xdg/nanoserve"),
+                                        ({"XDG_CACHE_HOME": "xdg", "NANOSERVE_CACHE": "own"}, "own")])
+def test_cache_dir_follows_xdg_unless_nanoserve_cache_is_set(monkeypatch, tmp_path, env, where):
+    monkeypatch.delenv("NANOSERVE_CACHE", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(tmp_path / value))
+    target = tmp_path / where / "SmolLM2-135M-Instruct"
+    target.mkdir(parents=True)
+    (target / ".complete").write_text("done\n")
+    monkeypatch.setattr(default_model, "_convert", _no_pip)
+    assert default_model_dir() == str(target)
+
+
+def test_converted_model_gets_the_model_cards_sampling_defaults(tmp_path):
+    """An older cache without them is completed in place; the rest of generation_config.json is kept."""
+    target = tmp_path / "SmolLM2-135M-Instruct"
+    target.mkdir()
+    (target / ".complete").write_text("done\n")
+    (target / "generation_config.json").write_text('{"eos_token_id": 2, "temperature": 1.0}')
+    default_model_dir(str(tmp_path))
+    config = json.loads((target / "generation_config.json").read_text())
+    assert config == {"eos_token_id": 2, "do_sample": True, "temperature": 0.2, "top_p": 0.9}

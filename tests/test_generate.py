@@ -3,6 +3,8 @@ supported architecture, and stays equal under the engine's scheduling tricks: pr
 chunked prefill, and requests that arrive while others decode."""
 import random
 
+import sys
+
 import pytest
 
 from conftest import hf_greedy, top2_gap
@@ -185,3 +187,22 @@ def test_reset_prefix_cache(llama_dir):
     assert not llm.reset_prefix_cache()
     llm.engine.abort_request("busy")
     assert llm.reset_prefix_cache()
+
+
+def test_progress_reports_the_rate(llama_dir, capsys, monkeypatch):
+    """Off a terminal: one summary line, no carriage-return spray. On a terminal: the bar never shows a rate
+    of 0.0 once requests have finished."""
+    import re
+    llm = LLM(llama_dir)
+    assert "\r" not in capsys.readouterr().err  # loading: no bar off a terminal either
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    llm.generate(["The cat", "A robot", "We"], params)
+    err = capsys.readouterr().err
+    assert "\r" not in err and len(err.strip().splitlines()) == 1
+    counts = re.fullmatch(r"Generated 3 requests, (\d+) tokens in [\d.]+ s \(([\d.]+) tok/s\)\n", err)
+    assert counts and int(counts[1]) == 15 and float(counts[2]) > 0
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    llm.generate(["The cat", "A robot", "We"], params)
+    frames = capsys.readouterr().err.split("\r")
+    assert "3/3" in frames[-1] and "tok/s" in frames[-1]
+    assert not [f for f in frames if "/3" in f and "0/3" not in f and "output 0.0 tok/s" in f]

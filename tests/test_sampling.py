@@ -700,3 +700,34 @@ def test_generation_config_defaults(tiny_model_factory):
     sampled = run(SamplingParams(max_tokens=16, ignore_eos=True))
     assert sampled == run(greedy(16, repetition_penalty=GEN_DEFAULTS["repetition_penalty"]))
     assert sampled != run(greedy(16, repetition_penalty=1.0))
+
+
+def test_do_sample_false_is_greedy_as_in_transformers(llama_dir, tmp_path):
+    """A model whose generation_config says do_sample: false (with a temperature that would otherwise apply)
+    decodes greedily, token for token as transformers' generate() with that config does."""
+    import shutil
+
+    from conftest import _load
+
+    path = str(shutil.copytree(llama_dir, tmp_path / "model"))
+    config_path = os.path.join(path, "generation_config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(config_path, "w") as f:  # transformers refuses to save this combination, but models ship it
+        json.dump({**config, "do_sample": False, "temperature": 0.9}, f)
+    llm = LLM(path)
+    prompts = [llm.get_tokenizer()(p).input_ids for p in PROMPTS[:4]]
+    got = [only(out).token_ids for out in llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                                      SamplingParams(max_tokens=12, ignore_eos=True), use_tqdm=False)]
+    model = _load(path)  # generate() reads the same generation_config.json
+    for ids, tokens in zip(prompts, got):
+        x = torch.tensor([ids])
+        want = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, eos_token_id=[],
+                              pad_token_id=model.config.pad_token_id)[0, len(ids):].tolist()
+        assert tokens == want
+
+
+def test_max_new_tokens_is_the_default_max_tokens():
+    assert SamplingParams(max_tokens=None).resolve({"max_new_tokens": 7}).max_tokens == 7
+    assert SamplingParams(max_tokens=3).resolve({"max_new_tokens": 7}).max_tokens == 3  # the request wins
+    assert SamplingParams(max_tokens=None).resolve({}).max_tokens is None  # unset: up to the context
