@@ -3,9 +3,9 @@
 One file, three parts:
 - `Sequence`: a prompt plus the tokens generated so far, and how many of them already have K/V in the cache.
 - `BlockManager`: the paged KV cache's bookkeeping. The pool is `num_blocks` blocks of `block_size` token slots.
-  Blocks are reference-counted; a full block is named by a hash chained with its whole prefix, so a later
-  sequence with the same prefix reuses it (prefix caching). Free blocks keep their contents and hash until they
-  are handed out again, least recently freed first.
+  Blocks are reference-counted; a full block is named by a SHA-256 digest chained over its whole prefix, so a
+  later sequence with the same prefix reuses it (prefix caching). Free blocks keep their contents and hash until
+  they are handed out again, least recently freed first.
 - `Scheduler`: continuous batching. Each step it spends a token budget (`max_num_batched_tokens`) on running
   sequences, decodes first and then prompt chunks (chunked prefill), then admits waiting sequences. When blocks
   run out it preempts the most recently admitted sequence: its blocks are freed and it is recomputed later.
@@ -14,6 +14,8 @@ The engine feeds it (`add`, `abort`), the runner executes the `Batch` that `sche
 takes the sampled tokens back. Nothing here knows about torch or the model: it is plain bookkeeping, which is
 what lets the property tests drive it with thousands of random operations.
 """
+import hashlib
+import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from enum import Enum
@@ -34,7 +36,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)  # chained hash of each full block, filled lazily
+    block_hashes: list[bytes] = field(default_factory=list)  # chained digest of each full block, filled lazily
     num_committed_blocks: int = 0  # leading blocks already registered in the prefix cache
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache on admission
     num_draft_computed: int = 0  # tokens whose K/V are in the draft model's cache (speculative decoding)
@@ -60,13 +62,17 @@ class Sequence:
         return self.token_ids[:self.num_prompt_tokens]
 
 
+_ROOT_HASH = bytes(32)  # the parent of a sequence's first block
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.hash_of_block: list[int | None] = [None] * num_blocks
-        self.block_of_hash: dict[int, int] = {}
+        self.hash_of_block: list[bytes | None] = [None] * num_blocks
+        self.block_of_hash: dict[bytes, int] = {}
+        self._pack_block = struct.Struct(f"<{block_size}q").pack  # a full block's token ids as int64, for hashing
         # Free blocks in eviction order (front first). An OrderedDict gives O(1) removal when a cached free
         # block is claimed again by a prefix hit.
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
@@ -158,12 +164,21 @@ class BlockManager:
             if self.hash_of_block[block] is None:  # holds nothing reusable: hand it out first
                 self.free.move_to_end(block, last=False)
 
-    def _block_hash(self, seq: Sequence, index: int) -> int:
+    def _block_hash(self, seq: Sequence, index: int) -> bytes:
+        """SHA-256 over the parent block's digest (32 bytes; `_ROOT_HASH` for the first block) and the block's
+        token ids as little-endian int64, so block `index`'s digest covers the whole prefix through it. Computed
+        once per block and kept in `seq.block_hashes`.
+
+        Why not Python's `hash((parent, tuple(tokens)))`, as before: it is 64 bits and not collision resistant,
+        and ints are not salted (the only unknown was hash(None) at the root, a constant since Python 3.12), so
+        colliding prompts can be searched for offline. A prompt whose block collides with another user's cached
+        prefix is handed that user's K/V blocks: its output then depends on, and can leak, their context (vLLM's
+        advisory GHSA-rm76-4mrf-v9r8). Here that takes a SHA-256 collision."""
         while len(seq.block_hashes) <= index:
             i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
-            tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
-            seq.block_hashes.append(hash((parent, tokens)))
+            parent = seq.block_hashes[-1] if seq.block_hashes else _ROOT_HASH
+            tokens = self._pack_block(*seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            seq.block_hashes.append(hashlib.sha256(parent + tokens).digest())  # fixed-size parent: unambiguous
         return seq.block_hashes[index]
 
 

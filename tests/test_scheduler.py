@@ -11,6 +11,7 @@ preemption, prefix-cache hits, the decodes-first policy and the stop rules.
 
 Longer hunts: SCHED_EXAMPLES=5000 python -m pytest tests/test_scheduler.py -k Machine
 """
+import hashlib
 import itertools
 import os
 import random
@@ -608,6 +609,64 @@ def test_cached_blocks_are_evicted_when_the_pool_needs_them():
     sched.add(again)
     sched.schedule()
     assert again.num_cached_tokens == 0
+
+
+def sha256_chain(tokens, block_size):
+    """The expected block hashes, computed here with hashlib alone: block i's is SHA-256 over block i-1's digest
+    (32 zero bytes for the first) followed by block i's token ids as little-endian int64."""
+    parent, chain = bytes(32), []
+    for i in range(len(tokens) // block_size):
+        data = b"".join(t.to_bytes(8, "little", signed=True) for t in tokens[i * block_size:(i + 1) * block_size])
+        parent = hashlib.sha256(parent + data).digest()
+        chain.append(parent)
+    return chain
+
+
+def block_hashes(bm, tokens):
+    seq = make_seq(tokens)
+    return [bm._block_hash(seq, i) for i in range(len(tokens) // bm.block_size)]
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_block_hash_is_a_sha256_chain(block_size):
+    bm = make_scheduler(num_blocks=4, block_size=block_size).block_manager
+    rng = random.Random(block_size)
+    tokens = [rng.randrange(151_936) for _ in range(5 * block_size + 1)] + [2**40, 0]  # wide ids are not truncated
+    seq = make_seq(tokens)
+    last = len(tokens) // block_size - 1
+    assert bm._block_hash(seq, last) == sha256_chain(tokens, block_size)[-1]
+    assert seq.block_hashes == sha256_chain(tokens, block_size)  # the memo holds the whole chain, as digests
+    assert all(type(h) is bytes and len(h) == 32 for h in seq.block_hashes)
+
+
+def test_block_hash_covers_the_whole_prefix():
+    bm = make_scheduler(num_blocks=4, block_size=4).block_manager
+    a = [5, 6, 7, 8, 1, 2, 3, 4, 9, 9, 9, 9]
+    same_prefix = a[:8] + [0, 0, 0, 0]
+    assert block_hashes(bm, same_prefix)[:2] == block_hashes(bm, a)[:2]  # equal prefixes: equal hashes
+    assert block_hashes(bm, same_prefix)[2] != block_hashes(bm, a)[2]
+    early_change = [5, 6, 7, 0] + a[4:]  # one token of the first block differs
+    assert all(x != y for x, y in zip(block_hashes(bm, early_change), block_hashes(bm, a)))
+    moved = a[4:8] + a[:4] + a[8:]  # the same blocks in another order: every block's prefix differs
+    assert all(x != y for x, y in zip(block_hashes(bm, moved), block_hashes(bm, a)))
+    other_parent = [7, 7, 7, 7] + a[4:]  # blocks 1 and 2 hold the same tokens after a different first block
+    assert all(x != y for x, y in zip(block_hashes(bm, other_parent)[1:], block_hashes(bm, a)[1:]))
+    # Blocks of the same tokens at different depths of one sequence differ too.
+    assert len(set(block_hashes(bm, [3] * 16))) == 4
+
+
+def test_prefix_cache_is_keyed_by_the_sha256_chain():
+    sched = make_scheduler(num_blocks=32, block_size=4)
+    prompt = [100 + i for i in range(10)]
+    first = make_seq(prompt, max_tokens=2, ignore_eos=True)
+    sched.add(first)
+    run_step(sched)
+    bm = sched.block_manager
+    assert bm.block_of_hash == dict(zip(sha256_chain(prompt, 4), first.block_table))
+    second = make_seq(prompt[:8] + [1, 2, 3], max_tokens=2, ignore_eos=True)
+    sched.add(second)
+    sched.schedule()
+    assert second.num_cached_tokens == 8 and second.block_table[:2] == first.block_table[:2]
 
 
 def test_parallel_siblings_wait_for_the_prompt_then_share_it():
