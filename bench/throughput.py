@@ -292,6 +292,7 @@ def parse_args():
 def main():
     args = parse_args()
     log_engine_info()
+    threads = torch.get_num_threads()
     if args.shape:
         model_dir = make_shape_dir(args.shape)
     else:
@@ -315,6 +316,7 @@ def main():
             print(f"nanoserve, {len(w)} requests: {rows[-1]['output_tokens_per_s']:.0f} output tok/s", flush=True)
         del llm
         free_device_memory(args.device)
+    torch.set_num_threads(threads)  # nanoserve's CPU path leaves torch one thread; transformers gets its default
     for name, run in [("hf-generate-batch", run_hf_generate_batch), ("hf-generate", run_hf_generate)]:
         if name in peers:
             rows.append(run(args, model_dir, small))

@@ -67,6 +67,14 @@ def _(q, k, v, layer, backend_id):
     return torch.empty_like(q)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, backend_id: int) -> torch.Tensor:
+    """What the model calls: the custom op when torch.compile traces, else the backend directly (a call through
+    the op dispatcher costs tens of microseconds, per layer and step, for nothing in eager mode)."""
+    if torch.compiler.is_compiling():
+        return paged_attention(q, k, v, layer, backend_id)
+    return _backends[backend_id].forward(q, k, v, layer)
+
+
 def host_tensor(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host tensor of `values`, pinned when `device` is a GPU, so that copies to it need not wait for the GPU
     to finish the work queued before them. Through numpy: a few times faster than torch.tensor on a long list."""
@@ -110,10 +118,16 @@ class ReferenceAttention:
             decode = []
         self.chunk_masks = {i: self._chunk_mask(meta.seq_lens[i], qlens[i], device)
                             for i in range(meta.num_seqs) if i not in decode}
+        # A sequence whose blocks are consecutive in the pool (the usual case for a lone sequence: the free list
+        # hands out runs) is read in place, a view instead of a gather: (first block, last block + 1).
+        self.block_ranges = {i: (t[0], t[-1] + 1) for i, t in enumerate(meta.block_tables)
+                             if i in self.chunk_masks and t and t[-1] - t[0] == len(t) - 1
+                             and all(b - a == 1 for a, b in zip(t, t[1:]))}
 
     @staticmethod
     def _chunk_mask(seq_len: int, num_new: int, device) -> torch.Tensor | None:
-        if num_new == seq_len:  # nothing cached before this chunk: plain causal attention, no mask tensor
+        """None when no mask is needed: a fresh prompt (plain causal attention) or one new token (it sees all)."""
+        if num_new == seq_len or num_new == 1:
             return None
         # Query j sits at position seq_len - num_new + j and sees keys up to and including that position.
         q_pos = torch.arange(seq_len - num_new, seq_len, device=device)[:, None]
@@ -137,10 +151,15 @@ class ReferenceAttention:
 
     def _one_sequence(self, q, kv_cache, i, mask):
         seq_len = self.meta.seq_lens[i]
-        k, v = self._gather(kv_cache, self.block_tables[i, :-(-seq_len // self.meta.block_size)])
+        if i in self.block_ranges:
+            first, end = self.block_ranges[i]
+            k, v = kv_cache[:, first:end].flatten(1, 2).unbind(0)
+        else:
+            k, v = self._gather(kv_cache, self.block_tables[i, :-(-seq_len // self.meta.block_size)])
         k, v = k[:seq_len], v[:seq_len]
         q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, heads, tokens, D]: the fused kernel's shape
-        return self._sdpa(q, k, v, mask, is_causal=mask is None).squeeze(0).transpose(0, 1)
+        causal = mask is None and q.shape[2] == seq_len > 1  # a fresh prompt; one new token sees every key
+        return self._sdpa(q, k, v, mask, is_causal=causal).squeeze(0).transpose(0, 1)
 
     def _decode_batch(self, q, kv_cache, out):
         token_index = self.decode_tokens

@@ -1,0 +1,40 @@
+"""Linear layers for the models: `y = x @ W.T + b`, on the fastest matmul kernel the device has.
+
+On a GPU, and under torch.compile, this is plain `F.linear`. In eager float32 on a CPU it is OpenBLAS, through
+numpy, on the same memory (no copy): decoding reads every weight once per step, so the matmul runs at small M
+(1 to a few dozen rows), where torch's CPU kernel reaches about 9 GB/s on the project's 2-core machine and
+OpenBLAS about 20 (bench/cpu_matmul.py measures both). Two thread pools on two cores then fight: torch's OpenMP
+threads spin while OpenBLAS works, which makes both slow, so the runner gives torch one thread when this path is
+on (`use_blas_threads`) and leaves the matmuls, nearly all of the work, to OpenBLAS's threads.
+
+The models build their projections from `Linear` and `MergedLinear` (several projections fused into one matmul);
+weights.py fills them from the checkpoint.
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Linear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling():
+            return F.linear(x, self.weight, self.bias)
+        rows = x.reshape(-1, x.shape[-1]).numpy()
+        out = torch.from_numpy(np.matmul(rows, self.weight.numpy().T))
+        if self.bias is not None:
+            out += self.bias
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class MergedLinear(Linear):
+    """Several projections of the same input in one matmul; `shard_sizes` says where each one's rows are."""
+
+    def __init__(self, in_features: int, shard_sizes: list[int], bias: bool):
+        super().__init__(in_features, sum(shard_sizes), bias=bias)
+        self.shard_sizes = shard_sizes
+
+
+def use_blas_threads() -> None:
+    """One torch thread, so that its OpenMP pool does not spin against OpenBLAS's threads (see above)."""
+    torch.set_num_threads(1)
