@@ -121,8 +121,7 @@ class ReferenceAttention:
         # A sequence whose blocks are consecutive in the pool (the usual case for a lone sequence: the free list
         # hands out runs) is read in place, a view instead of a gather: (first block, last block + 1).
         self.block_ranges = {i: (t[0], t[-1] + 1) for i, t in enumerate(meta.block_tables)
-                             if i in self.chunk_masks and t and t[-1] - t[0] == len(t) - 1
-                             and all(b - a == 1 for a, b in zip(t, t[1:]))}
+                             if i in self.chunk_masks and t and all(b - a == 1 for a, b in zip(t, t[1:]))}
 
     @staticmethod
     def _chunk_mask(seq_len: int, num_new: int, device) -> torch.Tensor | None:

@@ -177,7 +177,6 @@ class LLMEngine:
                 seq.waits_for = req.seqs[0]
             req.seqs.append(seq)
             req.detokenizers.append(Detokenizer(self.tokenizer, ids, params.skip_special_tokens))
-        for i, seq in enumerate(req.seqs):
             self.seq_owner[seq.seq_id] = (req, i)
             self.scheduler.add(seq)
         self.requests[request_id] = req
@@ -231,8 +230,11 @@ class LLMEngine:
             self.scheduler.update(batch, tokens)
         except Exception:
             self.num_failed_steps += 1
-            owners = {self.seq_owner[i.seq.seq_id][0].request_id: self.seq_owner[i.seq.seq_id][0]
-                      for i in batch.scheduled if i.seq.seq_id in self.seq_owner}
+            owners = {}  # request id -> request, for every sequence in the failed batch
+            for item in batch.scheduled:
+                if item.seq.seq_id in self.seq_owner:
+                    req = self.seq_owner[item.seq.seq_id][0]
+                    owners[req.request_id] = req
             logger.exception("A model step failed; failing its %d requests", len(owners))
             for req in owners.values():
                 self._fail(req)

@@ -4,8 +4,9 @@ On a GPU, and under torch.compile, this is plain `F.linear`. In eager float32 on
 numpy, on the same memory (no copy): decoding reads every weight once per step, so the matmul runs at small M
 (1 to a few dozen rows), where torch's CPU kernel reaches about 9 GB/s on the project's 2-core machine and
 OpenBLAS about 20 (bench/cpu_matmul.py measures both). Two thread pools on two cores then fight: torch's OpenMP
-threads spin while OpenBLAS works, which makes both slow, so the runner gives torch one thread when this path is
-on (`use_blas_threads`) and leaves the matmuls, nearly all of the work, to OpenBLAS's threads.
+threads spin while OpenBLAS works, which makes both slow, so `use_blas` (called once by the runner at start-up)
+switches the model's layers to OpenBLAS and gives torch one thread, leaving the matmuls, nearly all of the work,
+to OpenBLAS's threads.
 
 The models build their projections from `Linear` and `MergedLinear` (several projections fused into one matmul);
 weights.py fills them from the checkpoint.
@@ -17,8 +18,10 @@ from torch import nn
 
 
 class Linear(nn.Linear):
+    blas = False  # set by use_blas: float32 on a CPU, eager
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling():
+        if not self.blas:
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, x.shape[-1]).numpy()
         out = torch.from_numpy(np.matmul(rows, self.weight.numpy().T))
@@ -35,6 +38,10 @@ class MergedLinear(Linear):
         self.shard_sizes = shard_sizes
 
 
-def use_blas_threads() -> None:
-    """One torch thread, so that its OpenMP pool does not spin against OpenBLAS's threads (see above)."""
+def use_blas(model: nn.Module) -> None:
+    """Run the model's linear layers on OpenBLAS, and torch on one thread so that its OpenMP pool does not spin
+    against OpenBLAS's threads (see above). Only for a float32 model on a CPU that torch.compile will not trace."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.blas = True
     torch.set_num_threads(1)

@@ -15,10 +15,10 @@ ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoun
                413: "RequestEntityTooLargeError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
 INT64 = (-2**63, 2**63 - 1)
 # Body fields passed to SamplingParams as they are, with the JSON type each must have.
-SAMPLING_FIELDS = {"n": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float, "seed": int,
+# (seed and min_tokens are read apart: they have ranges to check.)
+SAMPLING_FIELDS = {"n": int, "temperature": float, "top_p": float, "top_k": int, "min_p": float,
                    "presence_penalty": float, "frequency_penalty": float, "repetition_penalty": float,
-                   "min_tokens": int, "include_stop_str_in_output": bool, "ignore_eos": bool,
-                   "skip_special_tokens": bool}
+                   "include_stop_str_in_output": bool, "ignore_eos": bool, "skip_special_tokens": bool}
 # apply_chat_template's own arguments: through chat_template_kwargs they would change what the call does (return
 # tensors, tokenize, swap the template), not just feed the template a variable.
 RESERVED_TEMPLATE_KWARGS = {"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
@@ -84,7 +84,7 @@ def get(body: dict, name: str, kind: type, default):
         return default
     ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
     if not ok or (kind is not bool and isinstance(value, bool)):
-        raise APIError(f"{name} must be of type {kind.__name__}, got {_short(value)}", param=name)
+        raise APIError(f"{name} must be of type {kind.__name__}, got {clip(repr(value))}", param=name)
     if kind is float:
         try:
             value = float(value)  # a huge JSON integer does not fit a float
@@ -98,7 +98,7 @@ def get(body: dict, name: str, kind: type, default):
 def get_int(body: dict, name: str, default, low: int = INT64[0], high: int = INT64[1]):
     value = get(body, name, int, default)
     if value is not None and not low <= value <= high:
-        raise APIError(f"{name} must be in [{low}, {high}], got {_short(value)}", param=name)
+        raise APIError(f"{name} must be in [{low}, {high}], got {clip(repr(value))}", param=name)
     return value
 
 
@@ -106,9 +106,9 @@ def all_of(values, kind) -> bool:
     return isinstance(values, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in values)
 
 
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+def clip(text: str, limit: int = 60) -> str:
+    """A client's value quoted back in an error message, cut short: an error must not echo a megabyte."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def check_unsupported(body: dict) -> None:
@@ -131,8 +131,8 @@ def check_unsupported(body: dict) -> None:
 def sampling_fields(body: dict, limits: Limits, max_model_len: int) -> dict:
     """Keyword arguments for SamplingParams from the body's fields (ranges SamplingParams checks itself)."""
     fields = {name: get(body, name, kind, None) for name, kind in SAMPLING_FIELDS.items()}
-    fields["seed"] = get_int(body, "seed", None)  # torch's generator takes int64; seed + i must fit too
-    fields["min_tokens"] = get_int(body, "min_tokens", None, 0, max_model_len)
+    fields.update(seed=get_int(body, "seed", None),  # torch's generator takes int64; seed + i must fit too
+                  min_tokens=get_int(body, "min_tokens", None, 0, max_model_len))
     stop = body.get("stop")
     if stop is not None and not (isinstance(stop, str) or all_of(stop, str)):
         raise APIError("stop must be a string or a list of strings", param="stop")
@@ -164,7 +164,7 @@ def _logit_bias(body: dict, limits: Limits) -> dict[int, float] | None:
     parsed = {}
     for key, value in bias.items():
         if not (key.isascii() and key.strip().lstrip("-").isdigit() and len(key) < 20):
-            raise APIError(f"logit_bias keys must be token ids, got {_short(key)}", param="logit_bias")
+            raise APIError(f"logit_bias keys must be token ids, got {clip(repr(key))}", param="logit_bias")
         value = get({"logit_bias": value}, "logit_bias", float, None)
         if value is None or not -100 <= value <= 100:
             raise APIError("logit_bias values must be numbers in [-100, 100]", param="logit_bias")
@@ -203,7 +203,7 @@ def _flatten_content(message: dict) -> dict:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind != "text" or not isinstance(part.get("text"), str):
                 # An image the model never sees would get a made-up description: refuse instead.
-                raise APIError(f"Content parts of type {_short(kind)} are not supported: this model takes text "
+                raise APIError(f"Content parts of type {clip(repr(kind))} are not supported: this model takes text "
                                "only", param="messages")
             parts.append(part["text"])
         content = "".join(parts)

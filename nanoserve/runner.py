@@ -20,7 +20,7 @@ from transformers import AutoConfig
 
 from .attention import AttentionMetadata, ReferenceAttention, host_tensor, register_backend
 from .config import EngineConfig
-from .linear import use_blas_threads
+from .linear import use_blas
 from .models import model_class
 from .sampling import SampleRequest, SamplingParams, logprob_entry, sample, target_probs
 from .scheduler import Batch, ScheduledSeq, Sequence, rejection_sample
@@ -61,7 +61,7 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB) on %s", self.num_blocks, config.block_size,
                     self.kv_cache.numel() * self.kv_cache.element_size() / 2**30, self.device)
         if self.device.type == "cpu" and self.dtype == torch.float32 and not config.compile_model:
-            use_blas_threads()
+            use_blas(self.model)
             logger.info("CPU: matmuls on OpenBLAS (%d threads), torch on 1 thread", os.cpu_count() or 1)
         if config.compile_model:
             logger.info("torch.compile: the model compiles at its first forward pass (up to a minute; Inductor "

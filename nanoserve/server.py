@@ -30,8 +30,8 @@ from . import __version__
 from .async_engine import AsyncLLMEngine, EngineUnavailable, RequestFailed, RequestStream
 from .engine import Logprob, RequestOutput
 from .metrics import Metrics
-from .protocol import (APIError, Limits, all_of, chat_messages, check_unsupported, completion_prompts, error_body,
-                       get, parse_body, sampling_fields, template_kwargs)
+from .protocol import (APIError, Limits, all_of, chat_messages, check_unsupported, clip, completion_prompts,
+                       error_body, get, parse_body, sampling_fields, template_kwargs)
 from .sampling import ParamError, SamplingParams
 
 logger = logging.getLogger("nanoserve")
@@ -219,7 +219,7 @@ class OpenAIServer:
         body = parse_body(raw)
         model = body.get("model")
         if model is not None and model != self.name:
-            raise APIError(f"The model `{_clip(model)}` does not exist.", status=404, param="model")
+            raise APIError(f"The model `{clip(str(model), 100)}` does not exist.", status=404, param="model")
         check_unsupported(body)
         if get(body, "stream_options", dict, None) is not None and not get(body, "stream", bool, False):
             raise APIError("stream_options can only be set when stream is true", param="stream_options")
@@ -237,7 +237,7 @@ class OpenAIServer:
                 messages, tokenize=False, add_generation_prompt=get(body, "add_generation_prompt", bool, True),
                 continue_final_message=get(body, "continue_final_message", bool, False), **kwargs)
         except Exception as exc:  # no template, or the template refuses these messages: the request's fault
-            raise APIError(f"Cannot apply the chat template: {_clip(str(exc), 300)}", param="messages") from None
+            raise APIError(f"Cannot apply the chat template: {clip(str(exc), 300)}", param="messages") from None
         return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
 
     def _params(self, body: dict, prompt_len: int, default_max: int | None, logprobs: int | None) -> SamplingParams:
@@ -454,8 +454,3 @@ async def _unless_disconnected(request: Request, work):
         if not task.done():
             task.cancel()
     return task.result() if task.done() and not task.cancelled() else None
-
-
-def _clip(text, limit: int = 100) -> str:
-    text = str(text)
-    return text if len(text) <= limit else text[:limit - 3] + "..."

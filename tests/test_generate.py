@@ -6,6 +6,7 @@ import random
 import sys
 
 import pytest
+import torch
 
 from conftest import hf_greedy, top2_gap
 from nanoserve import LLM, SamplingParams
@@ -206,3 +207,15 @@ def test_progress_reports_the_rate(llama_dir, capsys, monkeypatch):
     frames = capsys.readouterr().err.split("\r")
     assert "3/3" in frames[-1] and "tok/s" in frames[-1]
     assert not [f for f in frames if "/3" in f and "0/3" not in f and "output 0.0 tok/s" in f]
+
+
+def test_cpu_float32_linears_run_on_openblas_unless_compiled(llama_dir):
+    """The eager float32 CPU model computes its projections on OpenBLAS (nanoserve/linear.py), with the same
+    result as F.linear; a model torch.compile will trace keeps F.linear."""
+    from nanoserve.linear import Linear
+    layers = [m for m in LLM(llama_dir).engine.runner.model.modules() if isinstance(m, Linear)]
+    assert layers and all(m.blas for m in layers)
+    x = torch.randn(5, layers[0].in_features)
+    torch.testing.assert_close(layers[0](x), torch.nn.functional.linear(x, layers[0].weight, layers[0].bias))
+    compiled = LLM(llama_dir, compilation_config={"mode": 3}).engine.runner.model
+    assert not any(m.blas for m in compiled.modules() if isinstance(m, Linear))
