@@ -3,7 +3,7 @@ import importlib
 
 __version__ = "0.1.0"
 _EXPORTS = {"LLM": ".llm", "SamplingParams": ".sampling", "EngineConfig": ".config", "LLMEngine": ".engine",
-            "RequestOutput": ".engine", "CompletionOutput": ".engine"}
+            "RequestOutput": ".engine", "CompletionOutput": ".engine", "PoolingParams": ".pooling"}
 __all__ = list(_EXPORTS)
 
 

@@ -94,6 +94,11 @@ def build_parser(command: str) -> Parser:
     e.add_argument("--attention-backend", choices=["auto", "torch", "flashinfer"],
                    help="auto: flashinfer on a GPU in bf16/fp16, else torch")
     e.add_argument("--load-format", choices=["auto", "dummy"], help="dummy: random weights (benchmarks)")
+    e.add_argument("--runner", choices=["auto", "generate", "pooling"], help="pooling: an embedding model served "
+                   "at /v1/embeddings (default auto: pooling for a bare backbone checkpoint, else generate)")
+    e.add_argument("--pooler-config", type=json.loads, metavar="JSON", help="embeddings: "
+                   "'{\"pooling_type\": \"LAST\"|\"MEAN\"|\"CLS\", \"normalize\": true}' (default: the model's "
+                   "sentence-transformers config, else last token, normalised)")
     e.add_argument("--generation-config", default="auto", metavar="SRC", help="sampling defaults: 'auto' (the model's "
                    "generation_config.json), 'vllm' (none) or a directory (default: auto)")
     e.add_argument("--override-generation-config", type=json.loads, metavar="JSON", help="sampling defaults on top "
@@ -232,7 +237,7 @@ def engine_config(args) -> EngineConfig:
         raise ValueError("Only --tensor-parallel-size 1 is supported")
     names = ["tokenizer", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "dtype",
              "device", "seed", "gpu_memory_utilization", "enable_prefix_caching", "speculative_config",
-             "compilation_config", "attention_backend", "load_format", "max_n_sequences"]
+             "compilation_config", "attention_backend", "load_format", "max_n_sequences", "runner", "pooler_config"]
     kwargs = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     served = getattr(args, "served_model_name", None) or model or DEFAULT_MODEL_NAME
     return EngineConfig(model=model, enforce_eager=args.enforce_eager, served_model_name=served, **kwargs)

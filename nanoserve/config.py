@@ -33,6 +33,10 @@ class EngineConfig:
     speculative_config: dict | None = None
     served_model_name: str | None = None
     max_n_sequences: int = 64  # largest `n` one request may ask for (vLLM: VLLM_MAX_N_SEQUENCES)
+    # "generate" samples tokens; "pooling" returns embeddings (pooling.py); "auto": pooling for a bare backbone
+    # checkpoint (architectures such as "Qwen3Model"), else generate
+    runner: str = "auto"
+    pooler_config: dict | None = None  # {"pooling_type": "LAST" | "MEAN" | "CLS", "normalize": bool}
 
     def __post_init__(self):
         positive = ["max_num_seqs", "max_num_batched_tokens", "block_size", "max_n_sequences"]
@@ -51,7 +55,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.speculative_config is not None:
             self.speculative_config = self._check_speculative_config(dict(self.speculative_config))
-        for name, allowed in [("attention_backend", ("auto", "torch", "flashinfer")), ("load_format", ("auto", "dummy"))]:
+        for name, allowed in [("attention_backend", ("auto", "torch", "flashinfer")), ("load_format", ("auto", "dummy")),
+                              ("runner", ("auto", "generate", "pooling"))]:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         self.compilation_config = self._check_compilation_config(dict(self.compilation_config or {}))
@@ -132,6 +137,11 @@ class EngineConfig:
 
     def resolve_for_model(self, hf_config) -> None:
         """Fill in what depends on the model and check the user's value against it."""
+        if self.runner == "auto":
+            architectures = getattr(hf_config, "architectures", None) or []
+            self.runner = "pooling" if architectures and architectures[0].endswith("Model") else "generate"
+        if self.runner == "pooling" and self.speculative_config is not None:
+            raise ValueError("speculative_config needs runner=\"generate\": a pooling model samples no tokens")
         limit = hf_config.max_position_embeddings
         if self.max_model_len is None:
             self.max_model_len = limit

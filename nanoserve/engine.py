@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 
 from .config import EngineConfig
 from .default_model import resolve_model
+from .pooling import PoolingParams, PoolingRequestOutput, EmbeddingOutput
 from .runner import ModelRunner
 from .sampling import ParamError, SamplingParams
 from .scheduler import DraftModelProposer, NgramProposer, Scheduler, Sequence
@@ -55,6 +56,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    # SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 class Detokenizer:
@@ -96,12 +99,14 @@ class _Request:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | PoolingParams
     seqs: list[Sequence]
     detokenizers: list[Detokenizer]
     logprobs: list[list[dict[int, Logprob]]]
     cumulative_logprobs: list[float]
+    prompt_logprobs: list[dict[int, Logprob] | None] = field(default_factory=lambda: [None])
     arrival_time: float = field(default_factory=time.monotonic)
+    embedding: list[float] | None = None  # a pooling request's result
     failed: bool = False  # the engine could not process it: it ends with finish_reason "error"
 
     @property
@@ -165,11 +170,18 @@ class LLMEngine:
             raise ParamError(f"Request id {request_id!r} is already in use", "request_id")
         text, ids = self.tokenize(prompt)
         self.validate_prompt(ids)
+        if self.is_pooling != isinstance(params, PoolingParams):
+            raise ParamError("This model computes embeddings: give it PoolingParams (LLM.embed)" if self.is_pooling
+                             else "This model generates text: PoolingParams need runner=\"pooling\"")
+        if self.is_pooling:
+            return self._add_pooling(request_id, text, ids, params)
         params = (params or SamplingParams()).resolve(self.generation_config)
         self.validate_params(params)
         # Seeded parallel samples must differ from each other, so each one gets its own seed; making them all here
-        # checks every seed's range before anything is queued.
-        children = [params if params.seed is None else replace(params, seed=params.seed + i) for i in range(params.n)]
+        # checks every seed's range before anything is queued. The first sample alone computes prompt logprobs
+        # (they are the request's, not a sample's); the others may then take the prompt from the prefix cache.
+        children = [params if i == 0 else replace(params, prompt_logprobs=None) for i in range(params.n)]
+        children = [p if p.seed is None else replace(p, seed=p.seed + i) for i, p in enumerate(children)]
         req = _Request(request_id, text, ids, params, [], [], [[] for _ in range(params.n)], [0.0] * params.n)
         for i, child in enumerate(children):
             seq = Sequence(next(self._seq_ids), list(ids), len(ids), child)
@@ -181,6 +193,19 @@ class LLMEngine:
             self.scheduler.add(seq)
         self.requests[request_id] = req
         self.num_prompt_tokens += len(ids)
+
+    def _add_pooling(self, request_id: str, text: str | None, ids: list[int], params: PoolingParams) -> None:
+        self.runner.pooler.check(params, self.config.served_model_name or self.config.model)
+        seq = Sequence(next(self._seq_ids), list(ids), len(ids), params, pools=True)
+        req = _Request(request_id, text, ids, params, [seq], [], [[]], [0.0])
+        self.seq_owner[seq.seq_id] = (req, 0)
+        self.scheduler.add(seq)
+        self.requests[request_id] = req
+        self.num_prompt_tokens += len(ids)
+
+    @property
+    def is_pooling(self) -> bool:
+        return self.runner.pooler is not None
 
     def validate_params(self, params: SamplingParams) -> None:
         """The checks that need the engine (vocabulary, limits); SamplingParams checks the rest itself."""
@@ -226,8 +251,8 @@ class LLMEngine:
         if not batch.scheduled:
             return []
         try:
-            tokens, logprobs = self.runner.execute(batch)
-            self.scheduler.update(batch, tokens)
+            result = self.runner.execute(batch)
+            self.scheduler.update(batch, result.tokens)
         except Exception:
             self.num_failed_steps += 1
             owners = {}  # request id -> request, for every sequence in the failed batch
@@ -241,11 +266,20 @@ class LLMEngine:
             return self._outputs(list(owners.values()), final_only)
         self.num_failed_steps = 0
         touched = {}
-        for item, new_tokens, entries in zip(batch.scheduled, tokens, logprobs):
-            if new_tokens and item.seq.seq_id in self.seq_owner:
+        for item, new_tokens, entries, prompt_entries, pooled in zip(
+                batch.scheduled, result.tokens, result.logprobs, result.prompt_logprobs, result.pooled):
+            if (new_tokens or prompt_entries or pooled is not None) and item.seq.seq_id in self.seq_owner:
                 req, index = self.seq_owner[item.seq.seq_id]
-                touched[req.request_id] = req
                 try:
+                    if pooled is not None:
+                        touched[req.request_id] = req
+                        req.embedding = self.runner.pooler.finish(pooled, req.params)
+                        self.scheduler.finish(item.seq, "stop")
+                    if prompt_entries:
+                        self._record_prompt_logprobs(req, item.start + 1, prompt_entries)
+                    if not new_tokens:
+                        continue
+                    touched[req.request_id] = req
                     self._process_tokens(req, index, item, new_tokens, entries)
                 except Exception:
                     logger.exception("Processing the output of request %s failed", req.request_id)
@@ -273,6 +307,22 @@ class LLMEngine:
         for seq in req.seqs:
             self.scheduler.finish(seq, "error")
 
+    def _record_prompt_logprobs(self, req: _Request, first_token: int, entries: list) -> None:
+        """Entries for prompt tokens first_token, first_token + 1, ...; a prompt computed again after a
+        preemption repeats entries already recorded, which are skipped."""
+        ids = req.prompt_token_ids
+        for position, entry in enumerate(entries, start=first_token):
+            if position == len(req.prompt_logprobs):
+                req.prompt_logprobs.append(self._logprob_dict(ids[position], entry))
+
+    def _logprob_dict(self, token: int, entry) -> dict[int, Logprob]:
+        """{token: its Logprob, then each top-k token: its Logprob}, as vLLM's logprobs entries."""
+        chosen, rank, top = entry
+        result = {token: Logprob(chosen, rank, self._decode_one(token))}
+        for r, (tid, lp) in enumerate(top, start=1):
+            result.setdefault(tid, Logprob(lp, r, self._decode_one(tid)))
+        return result
+
     def _process_tokens(self, req: _Request, index: int, item, new_tokens: list[int], entries: list) -> None:
         seq = item.seq
         # update() appended the new tokens up to the first one that ended the sequence by a token rule.
@@ -289,12 +339,8 @@ class LLMEngine:
         seq, detok, p = req.seqs[index], req.detokenizers[index], req.params
         self.num_generation_tokens += 1
         if logprob is not None:
-            chosen, rank, top = logprob
-            entry = {token: Logprob(chosen, rank, self._decode_one(token))}
-            for r, (tid, lp) in enumerate(top, start=1):
-                entry.setdefault(tid, Logprob(lp, r, self._decode_one(tid)))
-            req.logprobs[index].append(entry)
-            req.cumulative_logprobs[index] += chosen
+            req.logprobs[index].append(self._logprob_dict(token, logprob))
+            req.cumulative_logprobs[index] += logprob[0]
         ended = last and seq.finish_reason is not None  # by a token rule, in the scheduler
         delta = "" if ended and seq.finish_reason == "stop" and not p.include_stop_str_in_output else detok.add(token)
         if ended:
@@ -319,7 +365,9 @@ class LLMEngine:
                 return True
         return False
 
-    def _output(self, req: _Request) -> RequestOutput:
+    def _output(self, req: _Request) -> RequestOutput | PoolingRequestOutput:
+        if isinstance(req.params, PoolingParams) and not req.failed:
+            return PoolingRequestOutput(req.request_id, req.prompt_token_ids, EmbeddingOutput(req.embedding))
         if req.failed:  # no partial text: the caller reports an error, not a truncated answer
             outputs = [CompletionOutput(i, "", [], None, None, "error") for i in range(len(req.seqs))]
             return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, True)
@@ -332,8 +380,9 @@ class LLMEngine:
             outputs.append(CompletionOutput(
                 i, text, seq.output_token_ids, req.cumulative_logprobs[i] if want_logprobs else None,
                 req.logprobs[i] if want_logprobs else None, seq.finish_reason, seq.stop_reason))
+        prompt_logprobs = req.prompt_logprobs if req.params.prompt_logprobs is not None else None
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, req.finished,
-                             req.seqs[0].num_cached_tokens)
+                             req.seqs[0].num_cached_tokens, prompt_logprobs)
 
     def _forget(self, req: _Request) -> None:
         self.requests.pop(req.request_id, None)

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from .config import EngineConfig
 from .engine import LLMEngine, RequestOutput
+from .pooling import PoolingParams, PoolingRequestOutput
 from .sampling import SamplingParams
 
 
@@ -28,9 +29,25 @@ class LLM:
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """`prompts`: a string, a list of token ids, a dict, or a list of these."""
+        if self.engine.is_pooling:
+            raise ValueError("LLM.generate() is only supported for generative models. This one runs with "
+                             "runner=\"pooling\": use LLM.embed(), or pass runner=\"generate\".")
+        return self._submit(prompts, sampling_params, use_tqdm)
+
+    def embed(self, prompts, pooling_params: PoolingParams | list[PoolingParams] | None = None,
+              use_tqdm: bool = True) -> list[PoolingRequestOutput]:
+        """One embedding per prompt (`output.outputs.embedding`), as vLLM's `LLM.embed`."""
+        if not self.engine.is_pooling:
+            raise ValueError("LLM.embed() is only supported for pooling models: build the LLM with "
+                             "runner=\"pooling\"")
+        if not isinstance(pooling_params, list):
+            pooling_params = pooling_params or PoolingParams()
+        return self._submit(prompts, pooling_params, use_tqdm)
+
+    def _submit(self, prompts, params, use_tqdm: bool) -> list:
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"Got {len(prompts)} prompts but {len(params)} sampling params")
         ids = []
@@ -56,7 +73,7 @@ class LLM:
                 continue
             for out in finished:
                 done[out.request_id] = out
-                generated += sum(len(o.token_ids) for o in out.outputs)
+                generated += sum(len(o.token_ids) for o in out.outputs) if isinstance(out, RequestOutput) else 0
             rate = generated / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix_str(f"output {rate:.1f} tok/s", refresh=False)  # shown by the update just below
             bar.update(len(finished))

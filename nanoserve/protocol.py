@@ -116,7 +116,7 @@ def check_unsupported(body: dict) -> None:
     `response_format` would hand the client an answer that looks right and is not what it asked for."""
     no_op = {"tools": ([],), "functions": ([],), "tool_choice": ("none", "auto"), "function_call": ("none", "auto"),
              "response_format": ({"type": "text"},), "suffix": ("",), "modalities": (["text"],),
-             "use_beam_search": (False,), "prompt_logprobs": (), "guided_json": (), "guided_regex": (),
+             "use_beam_search": (False,), "guided_json": (), "guided_regex": (),
              "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "prompt_embeds": (),
              "audio": (), "prediction": ()}
     names = [name for name, allowed in no_op.items() if body.get(name) is not None and body[name] not in allowed]
@@ -172,16 +172,16 @@ def _logit_bias(body: dict, limits: Limits) -> dict[int, float] | None:
     return parsed
 
 
-def completion_prompts(prompt, limits: Limits) -> list:
+def completion_prompts(prompt, limits: Limits, name: str = "prompt") -> list:
     """A string, a list of strings, a list of token ids or a list of such lists -> a list of prompts."""
     if isinstance(prompt, str) or (all_of(prompt, int) and prompt):
         return [prompt]
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) or (all_of(p, int) and p) for p in prompt):
         if len(prompt) > limits.max_prompts:
-            raise APIError(f"prompt takes at most {limits.max_prompts} prompts", param="prompt")
+            raise APIError(f"{name} takes at most {limits.max_prompts} prompts", param=name)
         return prompt
-    raise APIError("prompt must be a non-empty string, list of strings, list of token ids or list of lists of "
-                   "token ids", param="prompt")
+    raise APIError(f"{name} must be a non-empty string, list of strings, list of token ids or list of lists of "
+                   "token ids", param=name)
 
 
 def chat_messages(body: dict) -> list[dict]:

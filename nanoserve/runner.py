@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig
@@ -22,13 +23,24 @@ from .attention import AttentionMetadata, ReferenceAttention, host_tensor, regis
 from .config import EngineConfig
 from .linear import use_blas
 from .models import model_class
-from .sampling import SampleRequest, SamplingParams, logprob_entry, sample, target_probs
+from .pooling import Pooler
+from .sampling import SampleRequest, SamplingParams, logprob_entry, prompt_logprob_entries, sample, target_probs
 from .scheduler import Batch, ScheduledSeq, Sequence, rejection_sample
 from .weights import load_weights
 
 logger = logging.getLogger("nanoserve")
 CPU_KV_CACHE_BYTES = 2 << 30
 CUDA_GRAPH_RESERVE_BYTES = 512 << 20  # kept free of the KV cache for graph pools and FlashInfer's plans
+PROMPT_LOGITS_ROWS = 256  # prompt logprobs: logits rows at a time (256 x a 152k vocabulary in fp32 is 155 MB)
+
+
+@dataclass
+class StepResult:
+    """What one forward pass produced, per scheduled item (see `ModelRunner.execute`)."""
+    tokens: list[list[int]]
+    logprobs: list[list]
+    prompt_logprobs: list[list | None]
+    pooled: list  # runner="pooling": the raw pooled vector once an item's prompt is complete, else None
 
 
 class ModelRunner:
@@ -45,8 +57,9 @@ class ModelRunner:
             model = model_class(hf)(hf, register_backend(self.attention), config.max_model_len)
         if config.load_format == "dummy":
             _dummy_weights(model)
-        else:
-            load_weights(model, model_dir)
+        else:  # an embedding checkpoint has no lm_head: it is never used
+            load_weights(model, model_dir, optional={"lm_head.weight"} if config.runner == "pooling" else set())
+        self.pooler = Pooler.for_model(model_dir, hf, config.pooler_config) if config.runner == "pooling" else None
         self.model = model.eval().requires_grad_(False)
         logger.info("Model loaded in %.1f s (%.2f GiB)", time.perf_counter() - start,
                     sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30)
@@ -146,10 +159,13 @@ class ModelRunner:
         return scratch.numel() * scratch.element_size()
 
     @torch.inference_mode()
-    def execute(self, batch: Batch) -> tuple[list[list[int]], list[list]]:
+    def execute(self, batch: Batch) -> StepResult:
         """One forward pass over the batch. Returns, per scheduled item, its new tokens (none for a prompt chunk,
-        one for a decode, the kept drafts plus one under speculation) and their logprob entries (or None)."""
-        logits = self._forward(batch)
+        one for a decode, the kept drafts plus one under speculation), their logprob entries (or None), the
+        prompt logprob entries its chunk produced (None unless it asked for them), and its pooled vector."""
+        logits, hidden = self._forward(batch)
+        prompt_logprobs = self._prompt_logprobs(batch, hidden)
+        pooled = self._pool(batch, hidden)
         tokens, logprobs = [[] for _ in batch.scheduled], [[] for _ in batch.scheduled]
         rows, requests, plain = 0, [], []
         for i, item in enumerate(batch.scheduled):
@@ -167,7 +183,38 @@ class ModelRunner:
             result = sample(plain_logits, [requests[row] for row in index], self.generator)
             for (i, _), token, entry in zip(plain, result.token_ids, result.logprobs):
                 tokens[i], logprobs[i] = [token], [entry]
-        return tokens, logprobs
+        return StepResult(tokens, logprobs, prompt_logprobs, pooled)
+
+    def _pool(self, batch: Batch, hidden: torch.Tensor) -> list:
+        pooled, first_row = [], 0
+        for item in batch.scheduled:
+            rows = hidden[first_row:first_row + item.num_new_tokens]
+            first_row += item.num_new_tokens
+            last = item.start + item.num_new_tokens == item.seq.num_tokens
+            pooled.append(self.pooler.update(item.seq, rows, item.start, last) if item.seq.pools else None)
+        return pooled
+
+    def _prompt_logprobs(self, batch: Batch, hidden: torch.Tensor) -> list[list | None]:
+        """SamplingParams.prompt_logprobs: the logits at prompt position p score prompt token p + 1, so a chunk
+        covering positions [start, end) yields the entries of tokens start + 1 .. end (the last prompt position
+        scores the first generated token instead, and is sampled as usual). Logits are made PROMPT_LOGITS_ROWS
+        rows at a time and cut down to the top k at once: a long prompt never holds [prompt_len, vocab]."""
+        out, first_row = [], 0
+        for item in batch.scheduled:
+            seq, rows = item.seq, first_row
+            first_row += item.num_new_tokens
+            end = min(item.start + item.num_new_tokens, seq.num_prompt_tokens - 1)
+            if not seq.needs_prompt_logits or end <= item.start:
+                out.append(None)
+                continue
+            entries = []
+            for start in range(item.start, end, PROMPT_LOGITS_ROWS):
+                stop = min(start + PROMPT_LOGITS_ROWS, end)
+                logits = self.model.compute_logits(hidden[rows + start - item.start:rows + stop - item.start])
+                targets = self.to_device(seq.token_ids[start + 1:stop + 1])
+                entries += prompt_logprob_entries(logits, targets, seq.params.prompt_logprobs)
+            out.append(entries)
+        return out
 
     def _verify(self, logits: torch.Tensor, requests: list[SampleRequest], drafts: list[int]):
         """Speculative decoding: keep the drafts the target agrees with (see scheduler.rejection_sample)."""
@@ -182,19 +229,19 @@ class ModelRunner:
     @torch.inference_mode()
     def greedy_next(self, batch: Batch) -> list[int | None]:
         """The argmax next token of every item that samples (None for the others): the draft model's proposals."""
-        logits = self._forward(batch)
+        logits, _ = self._forward(batch)
         best = iter(logits.argmax(dim=-1).tolist()) if logits is not None else iter(())
         return [next(best) if item.num_logits else None for item in batch.scheduled]
 
-    def _forward(self, batch: Batch) -> torch.Tensor | None:
-        """Run the model; logits of the positions that need them, in batch order."""
+    def _forward(self, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Run the model: logits of the positions that sample, in batch order, and every position's hidden state."""
         input_ids, positions, meta, logit_rows = self._prepare(batch)
         if self.graphs is not None and self.graphs.fits(meta):
             hidden = self.graphs.replay(input_ids, positions, meta)
         else:
             self.attention.prepare(meta)
             hidden = self.forward_model(input_ids, positions)
-        return self.model.compute_logits(hidden[logit_rows]) if len(logit_rows) else None
+        return (self.model.compute_logits(hidden[logit_rows]) if len(logit_rows) else None), hidden
 
     def _prepare(self, batch: Batch):
         bs = self.config.block_size

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 GREEDY_EPS = 1e-5  # temperatures below this mean greedy, as in vLLM
+MAX_LOGPROBS = 20  # top log-probabilities per position, at most (vLLM's default max_logprobs)
 
 
 @dataclass
@@ -30,6 +31,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top log-probabilities returned beside the sampled token
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (see runner.py)
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit before sampling (OpenAI's)
 
@@ -50,7 +52,11 @@ class SamplingParams:
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
                "min_tokens must be less than or equal to max_tokens", "min_tokens")
         _check(all(self.stop), "stop cannot contain an empty string", "stop")
-        _check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]", "logprobs")
+        for name in ("logprobs", "prompt_logprobs"):  # vLLM's limit (max_logprobs) and wording
+            k = getattr(self, name)
+            _check(k is None or k <= MAX_LOGPROBS, f"Requested {'sample' if name == 'logprobs' else 'prompt'} "
+                   f"logprobs of {k}, which is greater than max allowed: {MAX_LOGPROBS}", name)
+            _check(k is None or k >= 0, f"`{name}` must be a positive value.", name)
         _check(self.seed is None or -2**63 <= self.seed < 2**64, "seed must fit in 64 bits", "seed")
         self.logit_bias = {int(t): float(b) for t, b in (self.logit_bias or {}).items()} or None
         _check(all(-100 <= b <= 100 for b in (self.logit_bias or {}).values()),
@@ -215,6 +221,17 @@ def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         probs = torch.softmax(logits, dim=-1)
         logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
     return logits
+
+
+def prompt_logprob_entries(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list:
+    """`logprob_entry` for many rows at once: row i's raw logits score token `targets[i]`."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, targets[:, None])
+    ranks = ((logprobs > chosen).sum(dim=1) + 1).tolist()
+    top = torch.topk(logprobs, k) if k > 0 else None
+    top_ids, top_values = (top.indices.tolist(), top.values.tolist()) if top is not None else ([[]] * len(ranks),) * 2
+    return [(lp, rank, list(zip(ids, values)))
+            for lp, rank, ids, values in zip(chosen[:, 0].tolist(), ranks, top_ids, top_values)]
 
 
 def logprob_entry(logprobs: torch.Tensor, token_id: int, k: int):

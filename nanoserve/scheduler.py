@@ -44,6 +44,8 @@ class Sequence:
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: int | str | None = None
     generator: object = None  # the sampler's per-request random generator; never touched here
+    pools: bool = False  # an embedding request: its prompt's hidden states are pooled and nothing is sampled
+    pooled: object = None  # the pooler's running state (pooling.py); never touched here
 
     @property
     def num_tokens(self) -> int:
@@ -60,6 +62,16 @@ class Sequence:
     @property
     def prompt_token_ids(self) -> list[int]:
         return self.token_ids[:self.num_prompt_tokens]
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        return getattr(self.params, "prompt_logprobs", None) is not None and self.num_output_tokens == 0
+
+    @property
+    def computes_whole_prompt(self) -> bool:
+        """Prompt logprobs and pooling read every prompt position's output, so such a sequence computes its
+        whole prompt: a prefix-cache hit would skip positions (vLLM does the same)."""
+        return self.pools or self.needs_prompt_logits
 
 
 _ROOT_HASH = bytes(32)  # the parent of a sequence's first block
@@ -88,7 +100,7 @@ class BlockManager:
     def lookup_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding a prefix of `seq`. At least one token is always left to compute, because the
         step that computes it is the one that produces the next token's logits."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.computes_whole_prompt:
             return []
         hits = []
         for i in range((seq.num_tokens - 1) // self.block_size):
@@ -200,7 +212,7 @@ class ScheduledSeq:
     @property
     def num_logits(self) -> int:
         """Positions whose logits are needed: the last one, plus one per draft the target verifies."""
-        if not self.samples:
+        if not self.samples or self.seq.pools:
             return 0
         return min(self.num_new_tokens, self.start + self.num_new_tokens - self.seq.num_tokens + 1)
 

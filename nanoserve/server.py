@@ -10,10 +10,12 @@ Errors are OpenAI-style JSON with the right status; a 500 says nothing about the
 traceback goes to the log). On shutdown (`Server`), running requests get a grace period, then a 503.
 """
 import asyncio
+import base64
 import hmac
 import itertools
 import json
 import logging
+import struct
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +32,7 @@ from . import __version__
 from .async_engine import AsyncLLMEngine, EngineUnavailable, RequestFailed, RequestStream
 from .engine import Logprob, RequestOutput
 from .metrics import Metrics
+from .pooling import PoolingParams
 from .protocol import (APIError, Limits, all_of, chat_messages, check_unsupported, clip, completion_prompts,
                        error_body, get, parse_body, sampling_fields, template_kwargs)
 from .sampling import ParamError, SamplingParams
@@ -45,6 +48,7 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
     api = OpenAIServer(engine, served_model_name, limits, trust_request_chat_template)
     routes = [Route("/v1/models", api.models), Route("/v1/completions", api.completions, methods=["POST"]),
               Route("/v1/chat/completions", api.chat, methods=["POST"]), Route("/health", api.health),
+              Route("/v1/embeddings", api.embeddings, methods=["POST"]),
               Route("/version", api.version), Route("/tokenize", api.tokenize, methods=["POST"]),
               Route("/detokenize", api.detokenize, methods=["POST"]), Route("/metrics", api.metrics)]
     handlers = {cls: _error_response for cls in (APIError, ParamError, EngineUnavailable, RequestFailed, Exception)}
@@ -186,22 +190,37 @@ class OpenAIServer:
             raise APIError(f"{name} must be a list of token ids in [0, {self.core.vocab_size})", param=name)
         return ids
 
+    def _serves(self, api: str, pooling: bool) -> None:
+        """A generating model has no embeddings API and a pooling model no completions (vLLM's wording)."""
+        if self.core.is_pooling != pooling:
+            raise APIError(f"The model does not support {api} API")
+
     async def completions(self, request: Request) -> Response:
+        self._serves("Completions", pooling=False)
         body, prompts, params, echo = await self._prepare(request, self._prepare_completion)
-        render = CompletionRender(self.tokenizer, prompts, echo, params[0].n)
+        render = CompletionRender(self.tokenizer, prompts, echo, params[0])
         return await self._serve(request, body, f"cmpl-{uuid.uuid4().hex}", prompts, params, render)
 
     def _prepare_completion(self, raw: bytes):
         body = self._checked_body(raw)
         prompts = [self._prompt(p) for p in completion_prompts(body.get("prompt"), self.limits)]
-        logprobs = get(body, "logprobs", int, None)
-        echo = get(body, "echo", bool, False)
-        if echo and logprobs is not None:
-            raise APIError("echo with logprobs needs prompt logprobs, which nanoserve does not compute yet",
-                           param="echo")
-        return body, prompts, [self._params(body, len(ids), 16, logprobs) for _, ids in prompts], echo
+        logprobs, echo = get(body, "logprobs", int, None), get(body, "echo", bool, False)
+        prompt_logprobs = self._prompt_logprobs(body)
+        if echo and logprobs is not None and prompt_logprobs is None:
+            prompt_logprobs = logprobs  # as vLLM: echoed prompt tokens carry logprobs like the generated ones
+        # echo with max_tokens 0 (how evaluation harnesses score a text): generate one token, return the prompt
+        echo_only = echo and get(body, "max_tokens", int, None) == 0
+        params = [self._params(body, len(ids), 16, logprobs, prompt_logprobs, echo_only) for _, ids in prompts]
+        return body, prompts, params, "only" if echo_only else echo
+
+    def _prompt_logprobs(self, body: dict) -> int | None:
+        k = get(body, "prompt_logprobs", int, None)
+        if k is not None and k > 0 and get(body, "stream", bool, False):
+            raise APIError("`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs")
+        return k
 
     async def chat(self, request: Request) -> Response:
+        self._serves("Chat Completions", pooling=False)
         body, ids, params, top = await self._prepare(request, self._prepare_chat)
         render = ChatRender(params.n, top or 0)
         return await self._serve(request, body, f"chatcmpl-{uuid.uuid4().hex}", [(None, ids)], [params], render)
@@ -213,7 +232,48 @@ class OpenAIServer:
         want, top = get(body, "logprobs", bool, False), get(body, "top_logprobs", int, None)
         if top is not None and not want:
             raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
-        return body, ids, self._params(body, len(ids), None, (top or 0) if want else None), top
+        params = self._params(body, len(ids), None, (top or 0) if want else None, self._prompt_logprobs(body))
+        return body, ids, params, top
+
+    async def embeddings(self, request: Request) -> Response:
+        """/v1/embeddings: one vector per input, as floats or as base64 of little-endian float32 (the openai
+        client asks for base64 by default and decodes it)."""
+        self._serves("Embeddings", pooling=True)
+        prompts, params, encoding = await self._prepare(request, self._prepare_embedding)
+        request_id = f"embd-{uuid.uuid4().hex}"
+        streams = await self._start(request_id, prompts, [params] * len(prompts))
+        try:
+            finals = await _unless_disconnected(request, self._collect_embeddings(streams))
+        finally:
+            await self._close(streams)
+        if finals is None:
+            return Response(status_code=499)
+        data = [{"index": i, "object": "embedding", "embedding": _encode_embedding(out.outputs.embedding, encoding)}
+                for i, out in enumerate(finals)]
+        tokens = sum(len(out.prompt_token_ids) for out in finals)
+        return JSONResponse({"id": request_id, "object": "list", "created": int(time.time()), "model": self.name,
+                             "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens,
+                                                     "completion_tokens": 0}})
+
+    def _prepare_embedding(self, raw: bytes):
+        body = self._checked_body(raw)
+        prompts = [self._prompt(p) for p in completion_prompts(body.get("input"), self.limits, "input")]
+        encoding = get(body, "encoding_format", str, "float")
+        if encoding not in ("float", "base64"):
+            raise APIError("encoding_format must be \"float\" or \"base64\"", param="encoding_format")
+        params = PoolingParams(dimensions=get(body, "dimensions", int, None))
+        self.core.runner.pooler.check(params, self.name)
+        return prompts, params, encoding
+
+    async def _collect_embeddings(self, streams: list[RequestStream]) -> list:
+        finals = []
+        for stream in streams:
+            async for out in stream:
+                if out.finished and isinstance(out, RequestOutput):  # a pooling request ends as one only on failure
+                    raise RequestFailed("The engine failed while processing this request")
+                final = out
+            finals.append(final)
+        return finals
 
     def _checked_body(self, raw: bytes) -> dict:
         body = parse_body(raw)
@@ -240,10 +300,12 @@ class OpenAIServer:
             raise APIError(f"Cannot apply the chat template: {clip(str(exc), 300)}", param="messages") from None
         return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
 
-    def _params(self, body: dict, prompt_len: int, default_max: int | None, logprobs: int | None) -> SamplingParams:
+    def _params(self, body: dict, prompt_len: int, default_max: int | None, logprobs: int | None,
+                prompt_logprobs: int | None = None, echo_only: bool = False) -> SamplingParams:
         fields = sampling_fields(body, self.limits, self.max_model_len)
         requested = get(body, "max_completion_tokens", int, None)
         requested = requested if requested is not None else get(body, "max_tokens", int, None)
+        requested = 1 if echo_only else requested
         if requested is not None and prompt_len + requested > self.max_model_len:
             raise APIError(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
                            f"requested {requested} output tokens and your prompt contains {prompt_len} input "
@@ -251,7 +313,7 @@ class OpenAIServer:
                            "of the input prompt or the number of requested output tokens.", param="max_tokens")
         if requested is None and default_max is not None:  # the default shrinks to fit; an explicit value does not
             requested = min(default_max, self.max_model_len - prompt_len)
-        params = SamplingParams(**fields, max_tokens=requested, logprobs=logprobs)
+        params = SamplingParams(**fields, max_tokens=requested, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         self.core.validate_params(params)  # n, vocabulary: checked before anything is queued
         return params
 
@@ -269,8 +331,9 @@ class OpenAIServer:
             await self._close(streams)
         if finals is None:  # the client is gone; nobody reads this
             return Response(status_code=499)
-        choices = [render.choice(i * render.n + o.index, i, o) for i, out in enumerate(finals) for o in out.outputs]
-        return JSONResponse({**meta, "object": render.object, "choices": choices, "usage": _usage(finals)})
+        choices = [render.choice(i * render.n + o.index, i, o, out) for i, out in enumerate(finals) for o in out.outputs]
+        return JSONResponse({**meta, "object": render.object, "choices": choices, "usage": _usage(finals),
+                             **render.extra(finals)})
 
     async def _start(self, request_id: str, prompts, params) -> list[RequestStream]:
         streams = []
@@ -347,6 +410,9 @@ class Render:
     def opening(self):
         return []
 
+    def extra(self, finals: list[RequestOutput]) -> dict:
+        return {}
+
     def deltas(self, prompt_index: int, out: RequestOutput) -> list[dict]:
         choices = []
         for o in out.outputs:
@@ -356,30 +422,60 @@ class Render:
             if chars < 0 or not (text or o.finish_reason or (o.logprobs is not None and new_tokens)):
                 continue
             entries = o.logprobs[tokens:len(o.token_ids)] if o.logprobs is not None else None  # a live list
-            choices.append(self.delta(index, prompt_index, index not in self.sent, text, entries, new_tokens, o))
+            choices.append(self.delta(index, prompt_index, index not in self.sent, text, entries, new_tokens, o, out))
             self.sent[index] = (-1 if o.finish_reason else len(o.text), len(o.token_ids))
         return choices
 
 
 class CompletionRender(Render):
-    """/v1/completions: `text` (after the prompt with `echo`) and the legacy logprobs layout."""
+    """/v1/completions: `text` and the legacy logprobs layout. With `echo` the prompt comes first, in the text and,
+    with `logprobs`, in the logprobs (its first token has none); `echo="only"` (max_tokens 0) returns the prompt
+    alone, dropping the one token generated."""
     object = chunk_object = "text_completion"
 
-    def __init__(self, tokenizer, prompts, echo: bool, n: int):
-        super().__init__(n)
+    def __init__(self, tokenizer, prompts, echo: bool | str, params: SamplingParams):
+        super().__init__(params.n)
+        self.tokenizer, self.prompts, self.echo, self.top = tokenizer, prompts, echo, params.logprobs
         self.prefixes = [(text if text is not None else tokenizer.decode(ids)) if echo else "" for text, ids in prompts]
-        self.offsets = {}  # choice index -> characters streamed so far, for logprobs' text_offset
+        self.offsets = {}  # choice index -> characters sent so far, for logprobs' text_offset
 
-    def choice(self, index: int, prompt_index: int, o) -> dict:
-        return self.delta(index, prompt_index, True, o.text, o.logprobs, o.token_ids, o)
+    def choice(self, index: int, prompt_index: int, o, out) -> dict:
+        return self.delta(index, prompt_index, True, o.text, o.logprobs, o.token_ids, o, out)
 
-    def delta(self, index, prompt_index, first, text, entries, token_ids, o) -> dict:
+    def delta(self, index, prompt_index, first, text, entries, token_ids, o, out) -> dict:
+        if self.echo == "only":
+            text, entries, token_ids = "", entries and [], []
         prefix = self.prefixes[prompt_index] if first else ""
-        offset = self.offsets.get(index, 0) + len(prefix)
-        logprobs = _legacy_logprobs(entries, token_ids, offset) if entries is not None else None
-        self.offsets[index] = offset + len(text)
-        return {"index": index, "text": prefix + text, "logprobs": logprobs, "finish_reason": o.finish_reason,
-                "stop_reason": o.stop_reason}
+        if first and self.echo:
+            token_ids = self.prompts[prompt_index][1] + list(token_ids)
+            if entries is not None:
+                entries = (out.prompt_logprobs or [None] * len(self.prompts[prompt_index][1])) + list(entries)
+        start = self.offsets.get(index, 0)
+        logprobs = self._logprobs(entries, token_ids, start) if entries is not None else None
+        self.offsets[index] = start + len(prefix) + len(text)
+        choice = {"index": index, "text": prefix + text, "logprobs": logprobs, "finish_reason": o.finish_reason,
+                  "stop_reason": o.stop_reason}
+        if first and out.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = _prompt_logprobs_json(out.prompt_logprobs)
+        return choice
+
+    def _logprobs(self, entries, token_ids, offset: int) -> dict:
+        """vLLM's legacy layout: per token its text, logprob, and {text: logprob} of it and the top `logprobs`
+        (None for the prompt's first token); text_offset counts the characters of the tokens before it."""
+        tokens, token_logprobs, top_logprobs = [], [], []
+        for entry, token in zip(entries, token_ids):
+            if entry is None:
+                tokens.append(self.tokenizer.decode([token]))
+                token_logprobs.append(None)
+                top_logprobs.append(None)
+                continue
+            tokens.append(entry[token].decoded_token or "")
+            token_logprobs.append(_finite(entry[token].logprob))
+            top = itertools.islice(entry.values(), self.top + 1)  # the token itself, then the top k by rank
+            top_logprobs.append({lp.decoded_token: _finite(lp.logprob) for lp in top})
+        offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=offset))[:len(tokens)]
+        return {"text_offset": offsets, "tokens": tokens, "token_logprobs": token_logprobs,
+                "top_logprobs": top_logprobs}
 
 
 class ChatRender(Render):
@@ -394,12 +490,16 @@ class ChatRender(Render):
         return [[{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None}] for i in range(self.n)]
 
-    def choice(self, index: int, prompt_index: int, o) -> dict:
+    def extra(self, finals: list[RequestOutput]) -> dict:
+        prompt_logprobs = finals[0].prompt_logprobs
+        return {} if prompt_logprobs is None else {"prompt_logprobs": _prompt_logprobs_json(prompt_logprobs)}
+
+    def choice(self, index: int, prompt_index: int, o, out) -> dict:
         return {"index": index, "message": {"role": "assistant", "content": o.text},
                 "logprobs": self._logprobs(o.logprobs, o.token_ids), "finish_reason": o.finish_reason,
                 "stop_reason": o.stop_reason}
 
-    def delta(self, index, prompt_index, first, text, entries, token_ids, o) -> dict:
+    def delta(self, index, prompt_index, first, text, entries, token_ids, o, out) -> dict:
         return {"index": index, "delta": {"content": text}, "logprobs": self._logprobs(entries, token_ids),
                 "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
 
@@ -419,12 +519,17 @@ def _chat_token(lp: Logprob) -> dict:
     return {"token": token, "logprob": _finite(lp.logprob), "bytes": list(token.encode())}
 
 
-def _legacy_logprobs(entries, token_ids, offset: int) -> dict:
-    tokens = [entry[t].decoded_token or "" for entry, t in zip(entries, token_ids)]
-    offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=offset))[:len(tokens)]
-    return {"text_offset": offsets, "tokens": tokens,
-            "token_logprobs": [_finite(entry[t].logprob) for entry, t in zip(entries, token_ids)],
-            "top_logprobs": [{lp.decoded_token: _finite(lp.logprob) for lp in entry.values()} for entry in entries]}
+def _prompt_logprobs_json(entries) -> list:
+    """vLLM's `prompt_logprobs` field: per prompt token None (the first) or {token id: {logprob, rank, text}}."""
+    return [None if entry is None else {str(t): {"logprob": _finite(lp.logprob), "rank": lp.rank,
+                                                 "decoded_token": lp.decoded_token} for t, lp in entry.items()}
+            for entry in entries]
+
+
+def _encode_embedding(vector: list[float], encoding: str):
+    if encoding == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()  # little-endian float32
 
 
 def _finite(x: float) -> float:

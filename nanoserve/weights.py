@@ -13,7 +13,8 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 
-def load_weights(model: torch.nn.Module, model_dir: str) -> None:
+def load_weights(model: torch.nn.Module, model_dir: str, optional: set[str] = frozenset()) -> None:
+    """Fill `model` from the checkpoint; every parameter but those in `optional` must be there."""
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"No *.safetensors files in {model_dir}")
@@ -27,7 +28,7 @@ def load_weights(model: torch.nn.Module, model_dir: str) -> None:
         target = _copy_tensor(model, params, name.removeprefix("model."), handle.get_tensor(name))
         if target is not None:
             loaded.add(target)
-    missing = set(params) - loaded  # tied lm_head shares embed_tokens' parameter and is not listed apart
+    missing = set(params) - loaded - optional  # tied lm_head shares embed_tokens' parameter and is not listed apart
     if missing:
         raise ValueError(f"Checkpoint in {model_dir} lacks weights for: {sorted(missing)[:5]}")
 
