@@ -3,7 +3,8 @@ import importlib
 
 __version__ = "0.1.0"
 _EXPORTS = {"LLM": ".llm", "SamplingParams": ".sampling", "EngineConfig": ".config", "LLMEngine": ".engine",
-            "RequestOutput": ".engine", "CompletionOutput": ".engine", "PoolingParams": ".pooling"}
+            "RequestOutput": ".engine", "CompletionOutput": ".engine", "PoolingParams": ".pooling",
+            "BeamSearchParams": ".beam_search"}
 __all__ = list(_EXPORTS)
 
 

@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 
 from .config import EngineConfig
 from .default_model import resolve_model
+from .beam_search import BeamGroup, BeamSearchParams
 from .pooling import PoolingParams, PoolingRequestOutput, EmbeddingOutput
 from .runner import ModelRunner
 from .sampling import ParamError, SamplingParams
@@ -107,10 +108,13 @@ class _Request:
     prompt_logprobs: list[dict[int, Logprob] | None] = field(default_factory=lambda: [None])
     arrival_time: float = field(default_factory=time.monotonic)
     embedding: list[float] | None = None  # a pooling request's result
+    beams: BeamGroup | None = None  # a beam search request's live beams and hypotheses
     failed: bool = False  # the engine could not process it: it ends with finish_reason "error"
 
     @property
     def finished(self) -> bool:
+        if self.beams is not None and not self.failed:
+            return self.beams.result is not None
         return all(s.finish_reason is not None for s in self.seqs)
 
 
@@ -175,6 +179,8 @@ class LLMEngine:
                              else "This model generates text: PoolingParams need runner=\"pooling\"")
         if self.is_pooling:
             return self._add_pooling(request_id, text, ids, params)
+        if isinstance(params, BeamSearchParams):
+            return self._add_beam_search(request_id, text, ids, params)
         params = (params or SamplingParams()).resolve(self.generation_config)
         self.validate_params(params)
         # Seeded parallel samples must differ from each other, so each one gets its own seed; making them all here
@@ -202,6 +208,49 @@ class LLMEngine:
         self.scheduler.add(seq)
         self.requests[request_id] = req
         self.num_prompt_tokens += len(ids)
+
+    def _add_beam_search(self, request_id: str, text: str | None, ids: list[int], params: BeamSearchParams) -> None:
+        if self.config.speculative_config is not None:
+            raise ParamError("Beam search cannot run with speculative decoding", "use_beam_search")
+        if params.beam_width > self.config.max_n_sequences:
+            raise ParamError(f"n must be at most {self.config.max_n_sequences}, got {params.beam_width}", "n")
+        seq = Sequence(next(self._seq_ids), list(ids), len(ids), params.beam_params())
+        req = _Request(request_id, text, ids, params, [seq], [], [[]], [0.0])
+        req.beams = BeamGroup(params, len(ids), self.eos_token_ids, seq)
+        self.seq_owner[seq.seq_id] = (req, 0)
+        self.scheduler.add(seq)
+        self.requests[request_id] = req
+        self.num_prompt_tokens += len(ids)
+
+    def _advance_beams(self, req: _Request, seq: Sequence, entry) -> None:
+        """A beam's candidates are in; once all are, choose the next beams (beam_search.py) and apply the choice:
+        swap a reused beam's last token, fork further continuations, drop the rest (their blocks go back)."""
+        group = req.beams
+        self.num_generation_tokens += 1
+        if not group.report(seq, self._logprob_dict(seq.token_ids[-1], entry)):
+            return
+        chosen = group.select()
+        if group.num_steps == group.params.max_tokens or any(s.finish_reason for s in group.seqs):
+            group.finish(chosen, lambda ids: self.tokenizer.decode(ids) if self.tokenizer else "")
+            survivors = []
+        else:
+            survivors, reused = [], set()
+            for parent, tokens, beam in chosen:
+                if parent.seq.seq_id in reused:
+                    beam.seq = self.scheduler.fork(parent.seq, tokens, next(self._seq_ids))
+                    self.seq_owner[beam.seq.seq_id] = (req, 0)
+                else:  # its last token is not computed yet, so it can still be swapped
+                    reused.add(parent.seq.seq_id)
+                    beam.seq, parent.seq.token_ids[-1] = parent.seq, tokens[-1]
+                beam.seq.paused = False
+                survivors.append(beam)
+        kept = {beam.seq.seq_id for beam in survivors}
+        for old in group.seqs:
+            if old.seq_id not in kept:
+                self.scheduler.finish(old, "length" if group.result is not None else "abort")
+                self.seq_owner.pop(old.seq_id, None)
+        group.beams = survivors
+        req.seqs = group.seqs
 
     @property
     def is_pooling(self) -> bool:
@@ -278,6 +327,11 @@ class LLMEngine:
                     if prompt_entries:
                         self._record_prompt_logprobs(req, item.start + 1, prompt_entries)
                     if not new_tokens:
+                        continue
+                    if req.beams is not None:
+                        self._advance_beams(req, item.seq, entries[0])
+                        if req.beams.result is not None:
+                            touched[req.request_id] = req
                         continue
                     touched[req.request_id] = req
                     self._process_tokens(req, index, item, new_tokens, entries)
@@ -369,7 +423,11 @@ class LLMEngine:
         if isinstance(req.params, PoolingParams) and not req.failed:
             return PoolingRequestOutput(req.request_id, req.prompt_token_ids, EmbeddingOutput(req.embedding))
         if req.failed:  # no partial text: the caller reports an error, not a truncated answer
-            outputs = [CompletionOutput(i, "", [], None, None, "error") for i in range(len(req.seqs))]
+            outputs = [CompletionOutput(i, "", [], None, None, "error") for i in range(max(1, len(req.seqs)))]
+            return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, True)
+        if req.beams is not None:
+            outputs = [CompletionOutput(i, h.text, h.tokens[len(req.prompt_token_ids):], h.cum_logprob, h.logprobs,
+                                        h.finish_reason, h.stop_reason) for i, h in enumerate(req.beams.result)]
             return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, True)
         # While a sequence runs, hold back the characters that could still become the start of a stop string.
         hold = max((len(s) for s in req.params.stop), default=1) - 1

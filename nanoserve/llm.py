@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from .config import EngineConfig
 from .engine import LLMEngine, RequestOutput
+from .beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from .pooling import PoolingParams, PoolingRequestOutput
 from .sampling import SamplingParams
 
@@ -43,6 +44,19 @@ class LLM:
         if not isinstance(pooling_params, list):
             pooling_params = pooling_params or PoolingParams()
         return self._submit(prompts, pooling_params, use_tqdm)
+
+    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's offline beam search: for each prompt, the best `beam_width` hypotheses, best first; each
+        `BeamSearchSequence` holds the prompt's and the output's tokens. The beams of all prompts run together,
+        continuously batched like any other requests."""
+        if self.engine.is_pooling:
+            raise ValueError("LLM.beam_search() is only supported for generative models")
+        outputs = []
+        for out in self._submit(prompts, params, use_tqdm):
+            outputs.append(BeamSearchOutput([BeamSearchSequence(
+                out.prompt_token_ids + o.token_ids, o.logprobs, o.cumulative_logprob, o.text, o.finish_reason,
+                o.stop_reason) for o in out.outputs]))
+        return outputs
 
     def _submit(self, prompts, params, use_tqdm: bool) -> list:
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):

@@ -116,7 +116,7 @@ def check_unsupported(body: dict) -> None:
     `response_format` would hand the client an answer that looks right and is not what it asked for."""
     no_op = {"tools": ([],), "functions": ([],), "tool_choice": ("none", "auto"), "function_call": ("none", "auto"),
              "response_format": ({"type": "text"},), "suffix": ("",), "modalities": (["text"],),
-             "use_beam_search": (False,), "guided_json": (), "guided_regex": (),
+             "guided_json": (), "guided_regex": (),
              "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "prompt_embeds": (),
              "audio": (), "prediction": ()}
     names = [name for name, allowed in no_op.items() if body.get(name) is not None and body[name] not in allowed]

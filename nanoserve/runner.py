@@ -163,6 +163,9 @@ class ModelRunner:
         """One forward pass over the batch. Returns, per scheduled item, its new tokens (none for a prompt chunk,
         one for a decode, the kept drafts plus one under speculation), their logprob entries (or None), the
         prompt logprob entries its chunk produced (None unless it asked for them), and its pooled vector."""
+        if batch.block_copies:  # copy-on-write of blocks shared by forked beams, before anything writes them
+            source, destination = zip(*batch.block_copies)
+            self.kv_cache[:, :, list(destination)] = self.kv_cache[:, :, list(source)]
         logits, hidden = self._forward(batch)
         prompt_logprobs = self._prompt_logprobs(batch, hidden)
         pooled = self._pool(batch, hidden)

@@ -44,6 +44,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: int | str | None = None
     generator: object = None  # the sampler's per-request random generator; never touched here
+    paused: bool = False  # beam search: waits, not scheduled, until its beam group chooses (beam_search.py)
     pools: bool = False  # an embedding request: its prompt's hidden states are pooled and nothing is sampled
     pooled: object = None  # the pooler's running state (pooling.py); never touched here
 
@@ -88,6 +89,7 @@ class BlockManager:
         # Free blocks in eviction order (front first). An OrderedDict gives O(1) removal when a cached free
         # block is claimed again by a prefix hit.
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.copies: list[tuple[int, int]] = []  # (source, destination) block copies for the next step
 
     @property
     def num_free_blocks(self) -> int:
@@ -111,12 +113,32 @@ class BlockManager:
         return hits
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int, hits: list[int] = ()) -> int:
-        """Free blocks consumed to admit `hits` (cached blocks nobody holds sit in the free pool) and to give
-        `seq` room for `num_new_tokens` more tokens."""
+        """Free blocks consumed to admit `hits` (cached blocks nobody holds sit in the free pool), to copy a
+        shared block before writing it, and to give `seq` room for `num_new_tokens` more tokens."""
         have = len(seq.block_table) + len(hits)
         computed = seq.num_computed_tokens + len(hits) * self.block_size
         fresh = max(0, -(-(computed + num_new_tokens) // self.block_size) - have)
-        return fresh + sum(1 for b in hits if self.ref_counts[b] == 0)
+        return fresh + sum(1 for b in hits if self.ref_counts[b] == 0) + self._shared_tail(seq)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Beam search: `child` continues `parent`'s computed tokens. It takes the same blocks, one reference
+        more on each: the prompt and the common past are never copied. Only the partly filled block both
+        would write next is copied, by whichever writes it first while it is shared (`allocate`)."""
+        computed = parent.num_computed_tokens
+        child.block_table = parent.block_table[:-(-computed // self.block_size)]
+        for block in child.block_table:
+            self.ref_counts[block] += 1
+        child.num_computed_tokens = child.num_cached_tokens = computed
+        child.block_hashes = parent.block_hashes[:computed // self.block_size]
+        child.num_committed_blocks = min(parent.num_committed_blocks, computed // self.block_size)
+
+    def _shared_tail(self, seq: Sequence) -> bool:
+        """The block the next token's K/V goes into is partly filled and held by another sequence too (a
+        forked beam): writing it in place would change the other's cache."""
+        position = seq.num_computed_tokens
+        index = position // self.block_size
+        return (position % self.block_size != 0 and index < len(seq.block_table)
+                and self.ref_counts[seq.block_table[index]] > 1)
 
     def admit(self, seq: Sequence, hits: list[int]) -> None:
         for block in hits:
@@ -128,14 +150,23 @@ class BlockManager:
         seq.num_committed_blocks = len(hits)
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+        if self._shared_tail(seq):  # copy-on-write: the runner copies the block's K/V before the step
+            index = seq.num_computed_tokens // self.block_size
+            shared, copy = seq.block_table[index], self._take_free()
+            self.copies.append((shared, copy))
+            self._release(shared)
+            seq.block_table[index] = copy
         for _ in range(self.blocks_needed(seq, num_new_tokens)):
-            block, _ = self.free.popitem(last=False)
-            old_hash = self.hash_of_block[block]
-            if old_hash is not None:  # evict its cached contents
-                del self.block_of_hash[old_hash]
-                self.hash_of_block[block] = None
-            self.ref_counts[block] = 1
-            seq.block_table.append(block)
+            seq.block_table.append(self._take_free())
+
+    def _take_free(self) -> int:
+        block, _ = self.free.popitem(last=False)
+        old_hash = self.hash_of_block[block]
+        if old_hash is not None:  # evict its cached contents
+            del self.block_of_hash[old_hash]
+            self.hash_of_block[block] = None
+        self.ref_counts[block] = 1
+        return block
 
     def commit(self, seq: Sequence, num_tokens: int) -> None:
         """Register the blocks that the first `num_tokens` tokens fill, so later sequences can reuse them."""
@@ -226,6 +257,7 @@ class ScheduledSeq:
 @dataclass
 class Batch:
     scheduled: list[ScheduledSeq]
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # done by the runner before the step
 
     @property
     def num_tokens(self) -> int:
@@ -259,13 +291,15 @@ class Scheduler:
         for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1):
             if budget == 0:
                 break
-            if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
+            if seq.status is not SeqStatus.RUNNING or seq.paused:  # preempted earlier in this loop, or a beam
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens + self._num_draft_slots(seq), budget)
             while self.block_manager.blocks_needed(seq, n) > self.block_manager.num_free_blocks:
                 preempted = True
                 taken = {x.seq.seq_id for x in scheduled}
-                victim = next(s for s in reversed(self.running) if s.seq_id not in taken)
+                # The most recently admitted goes first; a paused beam (idle anyway) before anyone.
+                candidates = [s for s in reversed(self.running) if s.seq_id not in taken]
+                victim = next((s for s in candidates if s.paused), candidates[0])
                 self._preempt(victim)
                 if victim is seq:
                     break
@@ -274,7 +308,13 @@ class Scheduler:
                 budget -= n
         if not preempted:  # admitting while preempting would only thrash
             budget = self._admit_waiting(budget, scheduled)
-        batch = Batch(scheduled)
+        if not scheduled and not preempted and self.waiting and any(s.paused for s in self.running):
+            # Only paused beams hold the blocks the queue needs: they give them back and recompute later.
+            for seq in [s for s in self.running if s.paused]:
+                self._preempt(seq)
+            self._admit_waiting(budget, scheduled)
+        batch = Batch(scheduled, self.block_manager.copies)
+        self.block_manager.copies = []
         if self.proposer is not None:
             self.proposer.propose(batch)
         return batch
@@ -293,7 +333,7 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
-            if self._waits_for_sibling(seq):
+            if self._waits_for_sibling(seq) or seq.paused:
                 continue
             hits = bm.lookup_prefix(seq)
             n = min(seq.num_tokens - len(hits) * bm.block_size, budget)
@@ -316,6 +356,17 @@ class Scheduler:
         first = seq.waits_for
         return (first is not None and first.status is not SeqStatus.FINISHED
                 and first.num_computed_tokens < first.num_prompt_tokens)
+
+    def fork(self, parent: Sequence, token_ids: list[int], seq_id: int) -> Sequence:
+        """A new sequence that shares `parent`'s computed tokens and blocks and continues with `token_ids`
+        (beam search: one more continuation of a beam)."""
+        child = Sequence(seq_id, token_ids, parent.num_prompt_tokens, parent.params, status=parent.status)
+        if parent.status is SeqStatus.RUNNING:
+            self.block_manager.fork(parent, child)
+            self.running.append(child)
+        else:  # preempted while it waited for its group: computed again from the start, like its parent
+            self.waiting.appendleft(child)
+        return child
 
     def _run(self, seq: Sequence, num_new_tokens: int) -> ScheduledSeq:
         self.block_manager.allocate(seq, num_new_tokens)

@@ -32,6 +32,7 @@ from . import __version__
 from .async_engine import AsyncLLMEngine, EngineUnavailable, RequestFailed, RequestStream
 from .engine import Logprob, RequestOutput
 from .metrics import Metrics
+from .beam_search import BeamSearchParams
 from .pooling import PoolingParams
 from .protocol import (APIError, Limits, all_of, chat_messages, check_unsupported, clip, completion_prompts,
                        error_body, get, parse_body, sampling_fields, template_kwargs)
@@ -210,8 +211,21 @@ class OpenAIServer:
             prompt_logprobs = logprobs  # as vLLM: echoed prompt tokens carry logprobs like the generated ones
         # echo with max_tokens 0 (how evaluation harnesses score a text): generate one token, return the prompt
         echo_only = echo and get(body, "max_tokens", int, None) == 0
-        params = [self._params(body, len(ids), 16, logprobs, prompt_logprobs, echo_only) for _, ids in prompts]
+        params = [self._beam_params(body, 16, len(ids)) or
+                  self._params(body, len(ids), 16, logprobs, prompt_logprobs, echo_only) for _, ids in prompts]
         return body, prompts, params, "only" if echo_only else echo
+
+    def _beam_params(self, body: dict, default_max: int | None, prompt_len: int) -> BeamSearchParams | None:
+        """`use_beam_search` (vLLM's extension): `n` is the beam width; the answer comes whole, never streamed."""
+        if not get(body, "use_beam_search", bool, False):
+            return None
+        if get(body, "stream", bool, False):
+            raise APIError("Streaming is not supported for beam search.", param="stream")
+        plain = self._params(body, prompt_len, default_max, None)  # the usual checks of n, max_tokens, context
+        return BeamSearchParams(beam_width=plain.n, max_tokens=plain.max_tokens or self.max_model_len - prompt_len,
+                                ignore_eos=plain.ignore_eos, temperature=get(body, "temperature", float, None) or 0.0,
+                                length_penalty=get(body, "length_penalty", float, 1.0),
+                                include_stop_str_in_output=plain.include_stop_str_in_output)
 
     def _prompt_logprobs(self, body: dict) -> int | None:
         k = get(body, "prompt_logprobs", int, None)
@@ -222,7 +236,7 @@ class OpenAIServer:
     async def chat(self, request: Request) -> Response:
         self._serves("Chat Completions", pooling=False)
         body, ids, params, top = await self._prepare(request, self._prepare_chat)
-        render = ChatRender(params.n, top or 0)
+        render = ChatRender(params.n, params.logprobs)
         return await self._serve(request, body, f"chatcmpl-{uuid.uuid4().hex}", [(None, ids)], [params], render)
 
     def _prepare_chat(self, raw: bytes):
@@ -232,7 +246,8 @@ class OpenAIServer:
         want, top = get(body, "logprobs", bool, False), get(body, "top_logprobs", int, None)
         if top is not None and not want:
             raise APIError("top_logprobs requires logprobs to be true", param="top_logprobs")
-        params = self._params(body, len(ids), None, (top or 0) if want else None, self._prompt_logprobs(body))
+        params = (self._beam_params(body, None, len(ids)) or
+                  self._params(body, len(ids), None, (top or 0) if want else None, self._prompt_logprobs(body)))
         return body, ids, params, top
 
     async def embeddings(self, request: Request) -> Response:
@@ -451,7 +466,8 @@ class CompletionRender(Render):
             if entries is not None:
                 entries = (out.prompt_logprobs or [None] * len(self.prompts[prompt_index][1])) + list(entries)
         start = self.offsets.get(index, 0)
-        logprobs = self._logprobs(entries, token_ids, start) if entries is not None else None
+        wanted = entries is not None and self.top is not None  # beam search keeps entries nobody asked for
+        logprobs = self._logprobs(entries, token_ids, start) if wanted else None
         self.offsets[index] = start + len(prefix) + len(text)
         choice = {"index": index, "text": prefix + text, "logprobs": logprobs, "finish_reason": o.finish_reason,
                   "stop_reason": o.stop_reason}
@@ -482,7 +498,7 @@ class ChatRender(Render):
     """/v1/chat/completions: an assistant message; a stream opens with a role chunk per choice."""
     object, chunk_object = "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, n: int, top_logprobs: int):
+    def __init__(self, n: int, top_logprobs: int | None):
         super().__init__(n)
         self.top = top_logprobs
 
@@ -504,7 +520,7 @@ class ChatRender(Render):
                 "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
 
     def _logprobs(self, entries, token_ids) -> dict | None:
-        if entries is None:
+        if entries is None or self.top is None:
             return None
         content = []
         for entry, token in zip(entries, token_ids):

@@ -109,8 +109,8 @@ def make_tiny_model(path, arch: str, *, generation_config_overrides: dict | None
     if config.tie_word_embeddings:  # insurance: lm_head must stay the embedding tensor
         model.tie_weights()
     model.save_pretrained(path, safe_serialization=True)
-    gen = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                           bos_token_id=tok.bos_token_id, **(generation_config_overrides or {}))
+    gen = GenerationConfig(**{"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+                              "bos_token_id": tok.bos_token_id, **(generation_config_overrides or {})})
     gen.save_pretrained(path)
     return path
 

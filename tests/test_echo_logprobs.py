@@ -3,25 +3,10 @@ sends `echo: true, logprobs: 1, max_tokens: 1` and sums token_logprobs over the 
 `prompt_logprobs` extension, through a real server and the openai client; logprobs checked against
 transformers."""
 import httpx
-import openai
 import pytest
 
 from test_prompt_logprobs import TOL, hf_prompt_logprobs
-from test_server import NAME, make_engine, serving
-from nanoserve.server import build_app
-
-
-@pytest.fixture(scope="module")
-def url(llama_dir):
-    engine = make_engine(llama_dir)
-    with serving(build_app(engine, NAME)) as base:
-        yield base
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def client(url):
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+from test_server import NAME, client, engine, url  # noqa: F401 (fixtures: a server on the tiny llama)
 
 
 @pytest.fixture(scope="module")

@@ -141,7 +141,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         s = self.sched
         running_before, waiting_before = list(s.running), list(s.waiting)
         computed_before = {seq.seq_id: seq.num_computed_tokens for seq in running_before}
-        had_work = s.has_unfinished()
+        had_work = any(not q.paused for q in itertools.chain(s.running, s.waiting))  # paused beams wait
         preemptions_before = s.num_preemptions
 
         batch = s.schedule()
@@ -177,7 +177,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         # Decodes first: with budget for every running sequence, a sequence with one token left to compute is
         # scheduled, unless it was preempted for blocks. Without preemption, all of them are scheduled.
         in_batch = {id(it.seq) for it in items}
-        decodes = [q for q in running_before if q.num_tokens - computed_before[q.seq_id] == 1]
+        decodes = [q for q in running_before if q.num_tokens - computed_before[q.seq_id] == 1 and not q.paused]
         if self.max_num_batched_tokens >= len(running_before) * (1 + self.spec_k):  # drafts take budget too
             for q in decodes:
                 assert id(q) in in_batch or q.status is SeqStatus.WAITING, f"decode of seq {q.seq_id} starved"
@@ -198,15 +198,15 @@ class SchedulerMachine(RuleBasedStateMachine):
         # preempting, and a prefix-cache hit never covers the whole sequence.
         waiting_ids = {id(q) for q in waiting_before}
         admitted = [it for it in items if id(it.seq) in waiting_ids]
-        if preempted:
-            assert not admitted, "admitted while preempting"
+        if preempted and any(not q.paused for q in running_before if q.status is SeqStatus.WAITING):
+            assert not admitted, "admitted while preempting"  # (paused beams give way to a stuck queue)
         # Admitted in queue order; a sequence passed over is a sibling waiting for its first's prompt (which the
         # first may get from the prefix cache when admitted in the same step, so only the waiting is checked).
         order = {id(q): i for i, q in enumerate(waiting_before)}
         positions = [order[id(it.seq)] for it in admitted]
         assert positions == sorted(positions), "admission out of order"
         for q in waiting_before[:max(positions, default=0)]:
-            if id(q) not in in_batch:
+            if id(q) not in in_batch and not q.paused:
                 assert q.waits_for is not None and q.waits_for.status is not SeqStatus.FINISHED, (
                     f"seq {q.seq_id} was overtaken at the head of the queue")
         for it in admitted:
@@ -217,8 +217,15 @@ class SchedulerMachine(RuleBasedStateMachine):
                 event("prefix cache hit")
                 assert self.prefix_caching
 
-        # Execute the batch on the shadow KV cache: read what attention reads, write the new K/V, and check
-        # that no item's writes clobbered what another item of the same batch needs.
+        # Execute the batch on the shadow KV cache: copy the blocks forked beams shared (copy-on-write), read
+        # what attention reads, write the new K/V, and check that no item's writes clobbered what another item
+        # of the same batch needs.
+        copied = {dst: [self.kv.get(src * self.bs + i) for i in range(self.bs)] for src, dst in batch.block_copies}
+        for dst, contents in copied.items():
+            for i, value in enumerate(contents):
+                self.kv[dst * self.bs + i] = value
+        if batch.block_copies:
+            event("copy-on-write of a forked block")
         for it in items:
             self.check_kv(it.seq, it.start, "before the step")
         for it in items:
@@ -335,11 +342,41 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.sched.finish(seq, "abort")  # a second finish is a no-op
         assert seq.finish_reason == reason
 
+    @precondition(lambda self: not self.spec_k and  # the engine runs no beam search with speculative decoding
+                  any(q.num_tokens - q.num_computed_tokens == 1 for q in self.sched.running))
+    @rule(pick=st.integers(0, 10_000), token=st.sampled_from(OUTPUT_ALPHABET))
+    def fork(self, pick, token):
+        """Beam search forks a decoding sequence: the child shares its blocks and differs in the last token."""
+        if len(self.sched.running) >= self.max_num_seqs:
+            return
+        parents = [q for q in self.sched.running if q.num_tokens - q.num_computed_tokens == 1]
+        parent = parents[pick % len(parents)]
+        child = self.sched.fork(parent, parent.token_ids[:-1] + [token], next(_ids))
+        assert child.num_computed_tokens == parent.num_computed_tokens and child in self.sched.running
+        self.seqs.append(child)
+        event("fork")
+
+    @precondition(lambda self: self.live())
+    @rule(pick=st.integers(0, 10_000))
+    def pause(self, pick):
+        """A beam that has its next token waits, unscheduled, for the rest of its group; then it resumes. (Only
+        such a sequence pauses: running with one token to compute, and no sibling waiting for its prompt.)"""
+        paused = [q for q in self.live() if q.paused]
+        if paused:
+            paused[pick % len(paused)].paused = False
+            return
+        waited_for = {id(q.waits_for) for q in self.live()}
+        ready = [q for q in self.sched.running if q.num_tokens - q.num_computed_tokens == 1 and id(q) not in waited_for]
+        if ready:
+            ready[pick % len(ready)].paused = True
+
     @rule(abort_all=st.booleans())
     def drain(self, abort_all):
         self.drain_all(abort_all)
 
     def drain_all(self, abort_all):
+        for seq in self.seqs:
+            seq.paused = False
         if abort_all:
             for seq in self.live():
                 self.sched.finish(seq, "abort")
