@@ -94,6 +94,9 @@ def build_parser(command: str) -> Parser:
     e.add_argument("--attention-backend", choices=["auto", "torch", "flashinfer"],
                    help="auto: flashinfer on a GPU in bf16/fp16, else torch")
     e.add_argument("--load-format", choices=["auto", "dummy"], help="dummy: random weights (benchmarks)")
+    e.add_argument("--quantization", "-q", metavar="METHOD", help="int8: quantize a full-precision model's "
+                   "weights at load (weight-only, per channel); or a checkpoint's format (compressed-tensors, gptq, "
+                   "awq, fp8), which is otherwise read from its config.json")
     e.add_argument("--runner", choices=["auto", "generate", "pooling"], help="pooling: an embedding model served "
                    "at /v1/embeddings (default auto: pooling for a bare backbone checkpoint, else generate)")
     e.add_argument("--pooler-config", type=json.loads, metavar="JSON", help="embeddings: "
@@ -237,7 +240,8 @@ def engine_config(args) -> EngineConfig:
         raise ValueError("Only --tensor-parallel-size 1 is supported")
     names = ["tokenizer", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "dtype",
              "device", "seed", "gpu_memory_utilization", "enable_prefix_caching", "speculative_config",
-             "compilation_config", "attention_backend", "load_format", "max_n_sequences", "runner", "pooler_config"]
+             "compilation_config", "attention_backend", "load_format", "max_n_sequences", "runner", "pooler_config",
+             "quantization"]
     kwargs = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     served = getattr(args, "served_model_name", None) or model or DEFAULT_MODEL_NAME
     return EngineConfig(model=model, enforce_eager=args.enforce_eager, served_model_name=served, **kwargs)

@@ -37,6 +37,9 @@ class EngineConfig:
     # checkpoint (architectures such as "Qwen3Model"), else generate
     runner: str = "auto"
     pooler_config: dict | None = None  # {"pooling_type": "LAST" | "MEAN" | "CLS", "normalize": bool}
+    # None: as the checkpoint says (config.json's quantization_config); "int8": quantize a full-precision
+    # checkpoint at load (quantization.py); a checkpoint format's name must match the checkpoint's
+    quantization: str | None = None
 
     def __post_init__(self):
         positive = ["max_num_seqs", "max_num_batched_tokens", "block_size", "max_n_sequences"]

@@ -9,7 +9,7 @@ switches the model's layers to OpenBLAS and gives torch one thread, leaving the 
 to OpenBLAS's threads.
 
 The models build their projections from `Linear` and `MergedLinear` (several projections fused into one matmul);
-weights.py fills them from the checkpoint.
+weights.py fills them from the checkpoint. A quantized layer (quantization.py) runs its `kernel` instead.
 """
 import numpy as np
 import torch
@@ -19,8 +19,11 @@ from torch import nn
 
 class Linear(nn.Linear):
     blas = False  # set by use_blas: float32 on a CPU, eager
+    kernel = None  # set by quantization.py: a callable that computes the layer from its quantized weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(x)
         if not self.blas:
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, x.shape[-1]).numpy()
@@ -38,10 +41,14 @@ class MergedLinear(Linear):
         self.shard_sizes = shard_sizes
 
 
-def use_blas(model: nn.Module) -> None:
+def use_blas(model: nn.Module) -> bool:
     """Run the model's linear layers on OpenBLAS, and torch on one thread so that its OpenMP pool does not spin
-    against OpenBLAS's threads (see above). Only for a float32 model on a CPU that torch.compile will not trace."""
-    for module in model.modules():
-        if isinstance(module, Linear):
-            module.blas = True
+    against OpenBLAS's threads (see above). Only for a float32 model on a CPU that torch.compile will not trace,
+    and not for a quantized one: its int8 kernels run on torch's threads. True if it switched."""
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    if any(m.kernel is not None for m in layers):
+        return False
+    for module in layers:
+        module.blas = True
     torch.set_num_threads(1)
+    return True

@@ -24,6 +24,7 @@ from .config import EngineConfig
 from .linear import use_blas
 from .models import model_class
 from .pooling import Pooler
+from .quantization import OnTheFlyInt8, make_method, quantize_model, weight_bytes
 from .sampling import SampleRequest, SamplingParams, logprob_entry, prompt_logprob_entries, sample, target_probs
 from .scheduler import Batch, ScheduledSeq, Sequence, rejection_sample
 from .weights import load_weights
@@ -52,17 +53,22 @@ class ModelRunner:
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         self.kv_shape = (hf.num_hidden_layers, 2, config.block_size, hf.num_key_value_heads, head_dim)  # per block
         self.attention = self._make_attention(hf.num_attention_heads, hf.num_key_value_heads, head_dim)
+        self.quant_method = make_method(config.quantization, hf, self.device)
         start = time.perf_counter()
         with torch.device(self.device), _default_dtype(self.dtype):
             model = model_class(hf)(hf, register_backend(self.attention), config.max_model_len)
         if config.load_format == "dummy":
             _dummy_weights(model)
         else:  # an embedding checkpoint has no lm_head: it is never used
-            load_weights(model, model_dir, optional={"lm_head.weight"} if config.runner == "pooling" else set())
+            optional = {"lm_head.weight"} if config.runner == "pooling" else set()
+            load_weights(model, model_dir, optional, self.quant_method)
+        if isinstance(self.quant_method, OnTheFlyInt8):
+            quantize_model(model, self.quant_method)
         self.pooler = Pooler.for_model(model_dir, hf, config.pooler_config) if config.runner == "pooling" else None
         self.model = model.eval().requires_grad_(False)
-        logger.info("Model loaded in %.1f s (%.2f GiB)", time.perf_counter() - start,
-                    sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30)
+        quantized = f", quantization: {self.quant_method.describe()}" if self.quant_method else ""
+        logger.info("Model loaded in %.1f s (weights %.3f GiB%s)", time.perf_counter() - start,
+                    weight_bytes(model) / 2**30, quantized)
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.forward_model, self.graphs = self.model, None  # eager until the cache is sized (profiling runs)
         self.num_blocks = self._num_kv_blocks()
@@ -74,8 +80,8 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB) on %s", self.num_blocks, config.block_size,
                     self.kv_cache.numel() * self.kv_cache.element_size() / 2**30, self.device)
         if self.device.type == "cpu" and self.dtype == torch.float32 and not config.compile_model:
-            use_blas(self.model)
-            logger.info("CPU: matmuls on OpenBLAS (%d threads), torch on 1 thread", os.cpu_count() or 1)
+            if use_blas(self.model):
+                logger.info("CPU: matmuls on OpenBLAS (%d threads), torch on 1 thread", os.cpu_count() or 1)
         if config.compile_model:
             logger.info("torch.compile: the model compiles at its first forward pass (up to a minute; Inductor "
                         "caches the result for later starts)")

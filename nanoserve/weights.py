@@ -13,24 +13,57 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 
-def load_weights(model: torch.nn.Module, model_dir: str, optional: set[str] = frozenset()) -> None:
-    """Fill `model` from the checkpoint; every parameter but those in `optional` must be there."""
+def load_weights(model: torch.nn.Module, model_dir: str, optional: set[str] = frozenset(), method=None) -> None:
+    """Fill `model` from the checkpoint; every parameter but those in `optional` must be there. With a checkpoint
+    quantization `method` (quantization.py), a quantized layer's tensors are collected per shard and handed to
+    `method.finalize` once all are read."""
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"No *.safetensors files in {model_dir}")
     params = dict(model.named_parameters())
     loaded = set()
     names = [(f, n) for f in files for n in _keys(f)]
-    handles = {}
+    handles, quantized = {}, {}  # quantized: layer name -> shard index -> tensor suffix -> tensor
     # A bar only on a terminal: in a log file it is a spray of carriage returns.
     for file, name in tqdm(names, desc="Loading weights", unit="tensor", leave=False, disable=not sys.stderr.isatty()):
         handle = handles.get(file) or handles.setdefault(file, safe_open(file, framework="pt"))
-        target = _copy_tensor(model, params, name.removeprefix("model."), handle.get_tensor(name))
+        ours = name.removeprefix("model.")
+        place = _quantized_place(model, method, ours) if method is not None and method.tensor_suffixes else None
+        if place is not None:
+            layer, shard, suffix = place
+            quantized.setdefault(layer, {}).setdefault(shard, {})[suffix[1:]] = handle.get_tensor(name)
+            continue
+        target = _copy_tensor(model, params, ours, handle.get_tensor(name))
         if target is not None:
             loaded.add(target)
+    for layer, shards in quantized.items():
+        module = model.get_submodule(layer)
+        if sorted(shards) != list(range(len(getattr(module, "shard_sizes", [0])))):
+            raise ValueError(f"Checkpoint in {model_dir} lacks some of {layer}'s projections")
+        method.finalize(module, [shards[i] for i in sorted(shards)], layer)
+        loaded.add(f"{layer}.weight")
     missing = set(params) - loaded - optional  # tied lm_head shares embed_tokens' parameter and is not listed apart
     if missing:
         raise ValueError(f"Checkpoint in {model_dir} lacks weights for: {sorted(missing)[:5]}")
+
+
+def _quantized_place(model, method, name: str) -> tuple[str, int, str] | None:
+    """(our layer, shard index, tensor suffix) for a tensor of a layer the method quantizes, else None."""
+    from .linear import Linear
+    suffix = next((s for s in method.tensor_suffixes if name.endswith(s)), None)
+    if suffix is None:
+        return None
+    layer, shard = name[:-len(suffix)], 0
+    if not method.covers(layer):
+        return None
+    for fragment, (fused, index) in model.stacked_params.items():
+        if layer.endswith(f".{fragment}"):
+            layer, shard = layer[:-len(fragment)] + fused, index
+    try:
+        module = model.get_submodule(layer)
+    except AttributeError:
+        return None
+    return (layer, shard, suffix) if isinstance(module, Linear) else None
 
 
 def _keys(file: str) -> list[str]:

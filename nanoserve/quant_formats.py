@@ -1,0 +1,202 @@
+"""Quantized checkpoint formats: how each stores a linear layer, and how to get the weight back.
+
+Each format class (a `QuantMethod` of quantization.py) names the tensors a quantized layer has in the checkpoint
+(`tensor_suffixes`), the layers it leaves in full precision (`covers`), and turns one projection's tensors into
+its weight [out, in] (`dequantize`); `finalize` does that for every shard of a fused layer (q, k, v of qkv_proj)
+and checks the shape against the model's. Layouts, W being the torch weight [out, in] and b the bits:
+- compressed-tensors `pack-quantized`: weight_packed int32 [out, in*b/32], value j of a word in bits
+  [j*b, (j+1)*b), stored as q + 2**(b-1); weight_scale [out, groups] (or [out, 1]); asymmetric: weight_zero_point
+  packed the same way along `out`; weight_g_idx maps columns to groups under act-order. W = (q - zp) * scale.
+- compressed-tensors `int-quantized` / `float-quantized`, and `fp8`: weight int8 / float8_e4m3fn [out, in],
+  weight_scale per channel [out, 1] or per tensor; `fp8` block-wise: weight_scale_inv per 128x128 block.
+- gptq: qweight int32 [in*b/32, out] packed along `in`; qzeros [groups, out*b/32] packed along `out`, holding
+  z - 1 in the v1 convention and z in v2; scales [groups, out]; g_idx [in]. W^T = (q - z[g_idx]) * scales[g_idx].
+- awq (GEMM): qweight int32 [in, out/8] and qzeros [groups, out/8], packed along `out` in the order
+  0, 2, 4, 6, 1, 3, 5, 7; scales [groups, out]. W^T = (q - z[row // group]) * scales[row // group].
+Anything else (other formats, schemes, bit widths, layouts) fails at start-up with an error that names it.
+"""
+import re
+
+import torch
+
+from .quantization import Int8Kernel, QuantMethod
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [..., n] -> unsigned values [..., n * 32 / bits], value j of each word from bits j*bits."""
+    if bits not in (2, 4, 8):
+        raise ValueError(f"Unsupported bit width {bits} (2, 4 or 8 are)")
+    shifts = torch.arange(32 // bits, dtype=torch.int32) * bits
+    return ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).flatten(-2)
+
+
+def _by_group(values: torch.Tensor, group_of_column: torch.Tensor) -> torch.Tensor:
+    """[out, groups] -> [out, in]: each column takes its group's value."""
+    return values[:, group_of_column]
+
+
+def _groups(n_in: int, group_size: int | None, g_idx: torch.Tensor | None) -> torch.Tensor:
+    if g_idx is not None:
+        return g_idx.long()
+    size = n_in if not group_size or group_size < 0 else group_size
+    return torch.arange(n_in) // size
+
+
+class CheckpointMethod(QuantMethod):
+    def finalize(self, layer, shards: list[dict[str, torch.Tensor]], name: str = "") -> None:
+        try:
+            weight = torch.cat([self.dequantize(shard) for shard in shards])
+        except KeyError as missing:
+            raise ValueError(f"Checkpoint layer {name} lacks the tensor {missing} that {self.name} needs") from None
+        except (RuntimeError, IndexError) as exc:  # shapes that do not fit together
+            raise ValueError(f"Checkpoint layer {name} has tensors of the wrong shape for {self.name}: "
+                             f"{str(exc)[:200]}") from None
+        if weight.shape != layer.weight.shape:
+            raise ValueError(f"Checkpoint layer {name} dequantizes to {list(weight.shape)}, the model expects "
+                             f"{list(layer.weight.shape)}")
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+
+    def dequantize(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.name} (dequantized at load)"
+
+
+class CompressedTensors(CheckpointMethod):
+    """What llm-compressor writes. One config group targeting Linear layers; `ignore` stays full precision.
+    W8A8 int8 runs on the int8 weight-only kernel (activations in full precision); the others dequantize."""
+    FORMATS = ("pack-quantized", "int-quantized", "float-quantized")
+
+    def __init__(self, config: dict, device: torch.device):
+        groups = list((config.get("config_groups") or {}).values())
+        self.format = config.get("format")
+        if self.format not in self.FORMATS or len(groups) != 1 or groups[0].get("targets") != ["Linear"]:
+            raise ValueError(f"Unsupported compressed-tensors checkpoint (format {self.format!r}, "
+                             f"{len(groups)} config groups): nanoserve loads one group targeting Linear in the "
+                             f"{', '.join(self.FORMATS)} formats")
+        self.weights = groups[0]["weights"]
+        if self.weights.get("type") not in ("int", "float") or self.weights.get("strategy") not in (
+                "group", "channel", "tensor"):
+            raise ValueError(f"Unsupported compressed-tensors weight scheme: {self.weights}")
+        self.ignore = config.get("ignore") or []
+        self.int8_kernel = self.format == "int-quantized" and self.weights.get("num_bits") == 8
+        bits, kind = self.weights.get("num_bits"), self.weights.get("type")
+        act = "A8" if groups[0].get("input_activations") else "A16"
+        self.name = f"compressed-tensors {self.format} W{bits}{act} ({kind}, {self.weights['strategy']})"
+        suffixes = ["weight_scale", "weight_zero_point", "weight_g_idx", "input_scale"]
+        suffixes += ["weight_packed", "weight_shape"] if self.format == "pack-quantized" else ["weight"]
+        self.tensor_suffixes = tuple("." + s for s in suffixes)
+
+    def covers(self, layer_name: str) -> bool:
+        names = (layer_name, "model." + layer_name)
+        for entry in self.ignore:
+            pattern = entry[3:] if entry.startswith("re:") else re.escape(entry) + "$"
+            if any(re.match(pattern, n) for n in names):
+                return False
+        return True
+
+    def dequantize(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        scale = t["weight_scale"].float()
+        if self.format != "pack-quantized":
+            weight = t["weight"].float()
+            return weight * (scale if scale.dim() == 2 else scale.reshape(-1)[0])
+        bits, (out, n_in) = self.weights["num_bits"], t["weight_shape"].tolist()
+        offset = 1 << (bits - 1)
+        q = unpack(t["weight_packed"], bits)[:, :n_in] - offset
+        zero = t.get("weight_zero_point")
+        if zero is None:
+            zero = torch.zeros_like(scale)
+        elif zero.dtype == torch.int32 and zero.shape[0] != out:  # packed along `out`
+            zero = unpack(zero.t(), bits).t()[:out] - offset
+        groups = _groups(n_in, self.weights.get("group_size") if self.weights["strategy"] == "group" else None,
+                         t.get("weight_g_idx"))
+        if scale.shape[1] == 1:
+            return (q - zero.float()) * scale
+        return (q - _by_group(zero.float(), groups)) * _by_group(scale, groups)
+
+    def finalize(self, layer, shards, name: str = "") -> None:
+        super().finalize(layer, shards, name)
+        if self.int8_kernel:  # the checkpoint's int8 values and per-channel scales, exactly
+            scale = torch.cat([s["weight_scale"].float().reshape(-1).expand(s["weight"].shape[0]) for s in shards])
+            layer.kernel = Int8Kernel(layer.weight.detach(), layer.bias, scale)
+            layer.weight = None
+
+    def describe(self) -> str:
+        if self.int8_kernel:
+            return f"{self.name}: int8 weight-only kernel, activations in full precision"
+        return super().describe()
+
+
+class Fp8Checkpoint(CheckpointMethod):
+    """quant_method "fp8": float8_e4m3fn weights with a per-tensor `weight_scale`, or 128x128 block scales
+    (`weight_scale_inv`, `weight_block_size`); an `input_scale` (static activations) is not needed here."""
+    tensor_suffixes = (".weight", ".weight_scale", ".weight_scale_inv", ".input_scale")
+
+    def __init__(self, config: dict, device: torch.device):
+        self.block = config.get("weight_block_size")
+        self.ignore = set(config.get("modules_to_not_convert") or []) | {"lm_head"}
+        self.name = "fp8" + (f" ({self.block[0]}x{self.block[1]} blocks)" if self.block else "")
+
+    def covers(self, layer_name: str) -> bool:
+        return not any(layer_name == m or layer_name.endswith("." + m) for m in self.ignore)
+
+    def dequantize(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        weight = t["weight"].float()
+        if self.block is None:
+            return weight * t["weight_scale"].float().reshape(-1)[0]
+        rows, cols = self.block
+        scale = t["weight_scale_inv"].float().repeat_interleave(rows, 0).repeat_interleave(cols, 1)
+        return weight * scale[:weight.shape[0], :weight.shape[1]]
+
+
+class Gptq(CheckpointMethod):
+    """quant_method "gptq" (AutoGPTQ / GPTQModel): 2, 4 or 8 bits, group-wise, act-order via g_idx, the v1 or
+    v2 zero-point convention (`checkpoint_format`)."""
+    tensor_suffixes = (".qweight", ".qzeros", ".scales", ".g_idx")
+
+    def __init__(self, config: dict, device: torch.device):
+        self.bits, self.group_size = config.get("bits"), config.get("group_size", -1)
+        self.v2 = config.get("checkpoint_format", "gptq") == "gptq_v2"
+        self.skip = set(config.get("modules_to_not_convert") or []) | {"lm_head"}
+        self.name = f"gptq {self.bits}-bit, group {self.group_size}{', v2 zeros' if self.v2 else ''}"
+
+    def covers(self, layer_name: str) -> bool:
+        return not any(layer_name == m or layer_name.endswith("." + m) for m in self.skip)
+
+    def dequantize(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        q = unpack(t["qweight"].t(), self.bits).t()  # [in, out]
+        zeros = unpack(t["qzeros"], self.bits)[:, :q.shape[1]] + (0 if self.v2 else 1)  # [groups, out]
+        groups = _groups(q.shape[0], self.group_size, t.get("g_idx"))
+        return ((q - zeros[groups]) * t["scales"].float()[groups]).t()
+
+
+class Awq(CheckpointMethod):
+    """quant_method "awq", GEMM layout, 4 bits, zero points."""
+    tensor_suffixes = (".qweight", ".qzeros", ".scales")
+
+    def __init__(self, config: dict, device: torch.device):
+        self.bits, self.group_size = config.get("bits", config.get("w_bit")), config.get("group_size",
+                                                                                           config.get("q_group_size"))
+        version = str(config.get("version", "gemm")).lower()
+        if self.bits != 4 or version != "gemm" or not config.get("zero_point", True):
+            raise ValueError(f"Unsupported AWQ checkpoint (bits {self.bits}, version {version}, zero_point "
+                             f"{config.get('zero_point')}): nanoserve loads 4-bit GEMM with zero points")
+        self.skip = set(config.get("modules_to_not_convert") or []) | {"lm_head"}
+        self.name = f"awq 4-bit, group {self.group_size}"
+
+    def covers(self, layer_name: str) -> bool:
+        return not any(layer_name == m or layer_name.endswith("." + m) for m in self.skip)
+
+    def dequantize(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        order = torch.tensor(AWQ_ORDER).argsort()  # nibble k holds column ORDER[k]: put columns back in place
+
+        def columns(packed: torch.Tensor) -> torch.Tensor:
+            values = unpack(packed, 4).view(packed.shape[0], -1, 8)
+            return values[:, :, order].flatten(1)
+        q, zeros = columns(t["qweight"]), columns(t["qzeros"])  # [in, out], [groups, out]
+        groups = torch.arange(q.shape[0]) // self.group_size
+        return ((q - zeros[groups]) * t["scales"].float()[groups]).t()
