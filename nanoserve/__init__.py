@@ -4,7 +4,7 @@ import importlib
 __version__ = "0.1.0"
 _EXPORTS = {"LLM": ".llm", "SamplingParams": ".sampling", "EngineConfig": ".config", "LLMEngine": ".engine",
             "RequestOutput": ".engine", "CompletionOutput": ".engine", "PoolingParams": ".pooling",
-            "BeamSearchParams": ".beam_search"}
+            "BeamSearchParams": ".beam_search", "LoRARequest": ".lora"}
 __all__ = list(_EXPORTS)
 
 

@@ -91,11 +91,11 @@ class AsyncLLMEngine:
         """Alive and taking new requests (not shutting down): what /health reports."""
         return self.is_alive and not self.draining
 
-    async def generate(self, prompt, params, request_id: str) -> RequestStream:
+    async def generate(self, prompt, params, request_id: str, lora_request=None) -> RequestStream:
         """Add a request and return the stream of its outputs. A bad prompt or parameter raises here
         (ParamError), before anything is streamed."""
         stream = RequestStream(request_id, self)
-        await asyncio.wrap_future(self._submit(self._add, (stream, prompt, params), Future()))
+        await asyncio.wrap_future(self._submit(self._add, (stream, prompt, params, lora_request), Future()))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -128,8 +128,8 @@ class AsyncLLMEngine:
         return future
 
     # Everything below runs on the engine thread.
-    def _add(self, stream: RequestStream, prompt, params) -> None:
-        self.engine.add_request(stream.request_id, prompt, params)
+    def _add(self, stream: RequestStream, prompt, params, lora_request=None) -> None:
+        self.engine.add_request(stream.request_id, prompt, params, lora_request)
         self._streams[stream.request_id] = stream
 
     def _abort(self, request_id: str) -> None:

@@ -60,6 +60,10 @@ def build_parser(command: str) -> Parser:
                        help=f"larger request bodies get a 413 (default: {Limits.max_body_bytes})")
         s.add_argument("--trust-request-chat-template", action="store_true", help="accept chat templates sent in "
                        "requests (they are code the server runs; default: refuse them with a 400)")
+        s.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH", help="LoRA adapters served "
+                       "as model NAME (needs --enable-lora); also vLLM's JSON form {\"name\": ..., \"path\": ...}")
+        s.add_argument("--allow-runtime-lora-updating", action="store_true", help="accept POST "
+                       "/v1/load_lora_adapter and /v1/unload_lora_adapter")
         s.add_argument("--shutdown-timeout", type=float, default=15.0, metavar="SECONDS",
                        help="on SIGTERM, time running requests get to finish before they end with a 503 "
                             "(default: 15)")
@@ -97,6 +101,9 @@ def build_parser(command: str) -> Parser:
     e.add_argument("--quantization", "-q", metavar="METHOD", help="int8: quantize a full-precision model's "
                    "weights at load (weight-only, per channel); or a checkpoint's format (compressed-tensors, gptq, "
                    "awq, fp8), which is otherwise read from its config.json")
+    e.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters on the base model")
+    e.add_argument("--max-loras", type=int, metavar="N", help="LoRA adapters in memory at once (default: 1)")
+    e.add_argument("--max-lora-rank", type=int, metavar="N", help="largest LoRA rank (default: 16)")
     e.add_argument("--runner", choices=["auto", "generate", "pooling"], help="pooling: an embedding model served "
                    "at /v1/embeddings (default auto: pooling for a bare backbone checkpoint, else generate)")
     e.add_argument("--pooler-config", type=json.loads, metavar="JSON", help="embeddings: "
@@ -146,7 +153,9 @@ def serve(args) -> int:
     engine = AsyncLLMEngine(_customized(LLMEngine(config), args), on_fatal=lambda: setattr(server, "should_exit", True))
     name = config.served_model_name
     app = build_app(engine, name, api_key=args.api_key, limits=Limits(max_body_bytes=args.max_request_body_bytes),
-                    trust_request_chat_template=args.trust_request_chat_template)
+                    trust_request_chat_template=args.trust_request_chat_template,
+                    lora_modules=_lora_modules(args.lora_modules),
+                    allow_runtime_lora_updating=args.allow_runtime_lora_updating)
     server = Server(uvicorn.Config(app, log_level=args.log_level), engine, grace=args.shutdown_timeout)
     try:
         asyncio.run(_run_until_stopped(server, sock, name, start))
@@ -226,6 +235,21 @@ def generate(args) -> int:
     return 0
 
 
+def _lora_modules(specs: list[str]) -> dict[str, str]:
+    """`name=path` or vLLM's JSON `{"name": ..., "path": ...}` -> {name: path}."""
+    modules = {}
+    for spec in specs:
+        if spec.startswith("{"):
+            item = json.loads(spec)
+            modules[item["name"]] = item["path"]
+        else:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--lora-modules takes NAME=PATH, got {spec!r}")
+            modules[name] = path
+    return modules
+
+
 def _is_model(positionals: list[str]) -> bool:
     """`generate A B`: A is the model if it is a path or a hub id ("org/name"), not text to complete."""
     first = positionals[0]
@@ -241,10 +265,11 @@ def engine_config(args) -> EngineConfig:
     names = ["tokenizer", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "dtype",
              "device", "seed", "gpu_memory_utilization", "enable_prefix_caching", "speculative_config",
              "compilation_config", "attention_backend", "load_format", "max_n_sequences", "runner", "pooler_config",
-             "quantization"]
+             "quantization", "max_loras", "max_lora_rank"]
     kwargs = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     served = getattr(args, "served_model_name", None) or model or DEFAULT_MODEL_NAME
-    return EngineConfig(model=model, enforce_eager=args.enforce_eager, served_model_name=served, **kwargs)
+    return EngineConfig(model=model, enforce_eager=args.enforce_eager, served_model_name=served,
+                        enable_lora=args.enable_lora, **kwargs)
 
 
 def _customized(engine, args):

@@ -40,9 +40,13 @@ class EngineConfig:
     # None: as the checkpoint says (config.json's quantization_config); "int8": quantize a full-precision
     # checkpoint at load (quantization.py); a checkpoint format's name must match the checkpoint's
     quantization: str | None = None
+    enable_lora: bool = False  # LoRA adapters per request (lora.py)
+    max_loras: int = 1  # adapters loaded at once (slots)
+    max_lora_rank: int = 16
 
     def __post_init__(self):
-        positive = ["max_num_seqs", "max_num_batched_tokens", "block_size", "max_n_sequences"]
+        positive = ["max_num_seqs", "max_num_batched_tokens", "block_size", "max_n_sequences", "max_loras",
+                    "max_lora_rank"]
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")

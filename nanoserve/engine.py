@@ -167,7 +167,8 @@ class LLMEngine:
             return None, list(prompt)
         raise ParamError("A prompt must be a string or a list of token ids", "prompt")
 
-    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
+                    lora_request=None) -> None:
         """Validate everything, then queue one sequence per sample. All or nothing: a request that fails a check
         leaves no trace, so no half-registered request can trip a later step."""
         if request_id in self.requests:
@@ -183,6 +184,7 @@ class LLMEngine:
             return self._add_beam_search(request_id, text, ids, params)
         params = (params or SamplingParams()).resolve(self.generation_config)
         self.validate_params(params)
+        lora_id, lora_slot = self._lora_slot(lora_request)
         # Seeded parallel samples must differ from each other, so each one gets its own seed; making them all here
         # checks every seed's range before anything is queued. The first sample alone computes prompt logprobs
         # (they are the request's, not a sample's); the others may then take the prompt from the prefix cache.
@@ -190,7 +192,7 @@ class LLMEngine:
         children = [p if p.seed is None else replace(p, seed=p.seed + i) for i, p in enumerate(children)]
         req = _Request(request_id, text, ids, params, [], [], [[] for _ in range(params.n)], [0.0] * params.n)
         for i, child in enumerate(children):
-            seq = Sequence(next(self._seq_ids), list(ids), len(ids), child)
+            seq = Sequence(next(self._seq_ids), list(ids), len(ids), child, lora_id=lora_id, lora_slot=lora_slot)
             if i > 0 and self.config.enable_prefix_caching:
                 seq.waits_for = req.seqs[0]
             req.seqs.append(seq)
@@ -199,6 +201,20 @@ class LLMEngine:
             self.scheduler.add(seq)
         self.requests[request_id] = req
         self.num_prompt_tokens += len(ids)
+
+    def _lora_slot(self, lora_request) -> tuple[int, int]:
+        """(adapter id, slot) for a request's LoRA adapter, loading it if needed; (0, -1) for the base model."""
+        if lora_request is None:
+            return 0, -1
+        if self.runner.lora is None:
+            raise ParamError("LoRA adapters need an engine built with enable_lora=True", "model")
+        if lora_request.lora_int_id < 1:
+            raise ParamError("lora_int_id must be a positive integer", "model")
+        busy = {s.lora_id for r in self.requests.values() for s in r.seqs if s.finish_reason is None}
+        try:
+            return lora_request.lora_int_id, self.runner.lora.slot_for(lora_request, busy)
+        except RuntimeError as exc:
+            raise ParamError(str(exc), "model") from None
 
     def _add_pooling(self, request_id: str, text: str | None, ids: list[int], params: PoolingParams) -> None:
         self.runner.pooler.check(params, self.config.served_model_name or self.config.model)

@@ -20,8 +20,15 @@ from torch import nn
 class Linear(nn.Linear):
     blas = False  # set by use_blas: float32 on a CPU, eager
     kernel = None  # set by quantization.py: a callable that computes the layer from its quantized weights
+    lora = None  # set by lora.py: adds the adapters' B · A · x for the tokens that use one
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._base(x)
+        if self.lora is not None and self.lora.manager.token_groups:
+            out = self.lora.add(x, out)
+        return out
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
             return self.kernel(x)
         if not self.blas:

@@ -28,12 +28,12 @@ class LLM:
         return self.engine.scheduler.block_manager.reset_prefix_cache()
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
         """`prompts`: a string, a list of token ids, a dict, or a list of these."""
         if self.engine.is_pooling:
             raise ValueError("LLM.generate() is only supported for generative models. This one runs with "
                              "runner=\"pooling\": use LLM.embed(), or pass runner=\"generate\".")
-        return self._submit(prompts, sampling_params, use_tqdm)
+        return self._submit(prompts, sampling_params, use_tqdm, lora_request)
 
     def embed(self, prompts, pooling_params: PoolingParams | list[PoolingParams] | None = None,
               use_tqdm: bool = True) -> list[PoolingRequestOutput]:
@@ -58,18 +58,20 @@ class LLM:
                 o.stop_reason) for o in out.outputs]))
         return outputs
 
-    def _submit(self, prompts, params, use_tqdm: bool) -> list:
+    def _submit(self, prompts, params, use_tqdm: bool, lora_request=None) -> list:
+        """Add every prompt (with its params and LoRA adapter: one for all or a list), run to the end."""
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = params if isinstance(params, list) else [params] * len(prompts)
+        loras = lora_request if isinstance(lora_request, list) else [lora_request] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"Got {len(prompts)} prompts but {len(params)} sampling params")
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
+            for prompt, p, lora in zip(prompts, params, loras):
                 ids.append(str(self._next_id))
                 self._next_id += 1
-                self.engine.add_request(ids[-1], prompt, p)
+                self.engine.add_request(ids[-1], prompt, p, lora)
             return self._run(ids, use_tqdm)
         finally:  # an exception (bad prompt, Ctrl-C) must not leave requests holding KV blocks
             for request_id in ids:

@@ -23,6 +23,7 @@ from .attention import AttentionMetadata, ReferenceAttention, host_tensor, regis
 from .config import EngineConfig
 from .linear import use_blas
 from .models import model_class
+from .lora import LoRAManager
 from .pooling import Pooler
 from .quantization import OnTheFlyInt8, make_method, quantize_model, weight_bytes
 from .sampling import SampleRequest, SamplingParams, logprob_entry, prompt_logprob_entries, sample, target_probs
@@ -64,6 +65,7 @@ class ModelRunner:
             load_weights(model, model_dir, optional, self.quant_method)
         if isinstance(self.quant_method, OnTheFlyInt8):
             quantize_model(model, self.quant_method)
+        self.lora = LoRAManager(model, config.max_loras, config.max_lora_rank) if config.enable_lora else None
         self.pooler = Pooler.for_model(model_dir, hf, config.pooler_config) if config.runner == "pooling" else None
         self.model = model.eval().requires_grad_(False)
         quantized = f", quantization: {self.quant_method.describe()}" if self.quant_method else ""
@@ -245,7 +247,9 @@ class ModelRunner:
     def _forward(self, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Run the model: logits of the positions that sample, in batch order, and every position's hidden state."""
         input_ids, positions, meta, logit_rows = self._prepare(batch)
-        if self.graphs is not None and self.graphs.fits(meta):
+        if self.lora is not None:
+            self.lora.prepare([item.seq.lora_slot for item in batch.scheduled for _ in range(item.num_new_tokens)])
+        if self.graphs is not None and self.graphs.fits(meta) and not (self.lora and self.lora.token_groups):
             hidden = self.graphs.replay(input_ids, positions, meta)
         else:
             self.attention.prepare(meta)

@@ -45,6 +45,8 @@ class Sequence:
     stop_reason: int | str | None = None
     generator: object = None  # the sampler's per-request random generator; never touched here
     paused: bool = False  # beam search: waits, not scheduled, until its beam group chooses (beam_search.py)
+    lora_id: int = 0  # the LoRA adapter's id (0: the base model); part of every block hash
+    lora_slot: int = -1  # where the runner holds that adapter (lora.py); -1: none
     pools: bool = False  # an embedding request: its prompt's hidden states are pooled and nothing is sampled
     pooled: object = None  # the pooler's running state (pooling.py); never touched here
 
@@ -76,6 +78,12 @@ class Sequence:
 
 
 _ROOT_HASH = bytes(32)  # the parent of a sequence's first block
+
+
+def _root_hash(lora_id: int) -> bytes:
+    """The chain's start: K/V depend on the LoRA adapter too, so the same prompt under two adapters (or an
+    adapter and the base) must never share a cached block."""
+    return _ROOT_HASH if not lora_id else hashlib.sha256(b"lora" + lora_id.to_bytes(8, "little")).digest()
 
 
 class BlockManager:
@@ -219,7 +227,7 @@ class BlockManager:
         advisory GHSA-rm76-4mrf-v9r8). Here that takes a SHA-256 collision."""
         while len(seq.block_hashes) <= index:
             i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else _ROOT_HASH
+            parent = seq.block_hashes[-1] if seq.block_hashes else _root_hash(seq.lora_id)
             tokens = self._pack_block(*seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
             seq.block_hashes.append(hashlib.sha256(parent + tokens).digest())  # fixed-size parent: unambiguous
         return seq.block_hashes[index]
@@ -360,7 +368,8 @@ class Scheduler:
     def fork(self, parent: Sequence, token_ids: list[int], seq_id: int) -> Sequence:
         """A new sequence that shares `parent`'s computed tokens and blocks and continues with `token_ids`
         (beam search: one more continuation of a beam)."""
-        child = Sequence(seq_id, token_ids, parent.num_prompt_tokens, parent.params, status=parent.status)
+        child = Sequence(seq_id, token_ids, parent.num_prompt_tokens, parent.params, status=parent.status,
+                         lora_id=parent.lora_id, lora_slot=parent.lora_slot)
         if parent.status is SeqStatus.RUNNING:
             self.block_manager.fork(parent, child)
             self.running.append(child)

@@ -33,6 +33,7 @@ from .async_engine import AsyncLLMEngine, EngineUnavailable, RequestFailed, Requ
 from .engine import Logprob, RequestOutput
 from .metrics import Metrics
 from .beam_search import BeamSearchParams
+from .lora import LoRARequest
 from .pooling import PoolingParams
 from .protocol import (APIError, Limits, all_of, chat_messages, check_unsupported, clip, completion_prompts,
                        error_body, get, parse_body, sampling_fields, template_kwargs)
@@ -45,11 +46,17 @@ OPEN_ROUTES = ("/health", "/metrics", "/version")
 
 
 def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | None = None,
-              limits: Limits = Limits(), trust_request_chat_template: bool = False) -> Starlette:
+              limits: Limits = Limits(), trust_request_chat_template: bool = False,
+              lora_modules: dict[str, str] | None = None, allow_runtime_lora_updating: bool = False) -> Starlette:
     api = OpenAIServer(engine, served_model_name, limits, trust_request_chat_template)
+    for name, path in (lora_modules or {}).items():
+        api.add_lora(name, path)
+    api.allow_lora_updates = allow_runtime_lora_updating
     routes = [Route("/v1/models", api.models), Route("/v1/completions", api.completions, methods=["POST"]),
               Route("/v1/chat/completions", api.chat, methods=["POST"]), Route("/health", api.health),
               Route("/v1/embeddings", api.embeddings, methods=["POST"]),
+              Route("/v1/load_lora_adapter", api.load_lora, methods=["POST"]),
+              Route("/v1/unload_lora_adapter", api.unload_lora, methods=["POST"]),
               Route("/version", api.version), Route("/tokenize", api.tokenize, methods=["POST"]),
               Route("/detokenize", api.detokenize, methods=["POST"]), Route("/metrics", api.metrics)]
     handlers = {cls: _error_response for cls in (APIError, ParamError, EngineUnavailable, RequestFailed, Exception)}
@@ -135,11 +142,52 @@ class OpenAIServer:
         self.limits, self.trust_template = limits, trust_request_chat_template
         self.registry = Metrics(served_model_name)
         self.workers = Workers()
+        self.loras: dict[str, LoRARequest] = {}  # adapter name -> request, served as its own model name
+        self.allow_lora_updates = False
 
     async def models(self, request: Request) -> JSONResponse:
         card = {"id": self.name, "object": "model", "created": int(time.time()), "owned_by": "nanoserve",
                 "root": self.core.config.model or self.name, "parent": None, "max_model_len": self.max_model_len}
-        return JSONResponse({"object": "list", "data": [card]})
+        adapters = [{**card, "id": name, "root": lora.lora_path, "parent": self.name}
+                    for name, lora in self.loras.items()]
+        return JSONResponse({"object": "list", "data": [card, *adapters]})
+
+    def add_lora(self, name: str, path: str) -> None:
+        """Serve the PEFT adapter at `path` as model `name` (checked now: a bad adapter fails here)."""
+        if self.core.runner.lora is None:
+            raise ValueError("LoRA adapters need --enable-lora")
+        from .lora import read_adapter
+        read_adapter(path, self.core.config.max_lora_rank)
+        ids = [lora.lora_int_id for lora in self.loras.values()]
+        self.loras[name] = LoRARequest(name, max(ids, default=0) + 1, path)
+
+    async def load_lora(self, request: Request) -> JSONResponse:
+        """vLLM's runtime adapter loading, behind --allow-runtime-lora-updating, with its error wording."""
+        body = await self._lora_body(request)
+        name, path = get(body, "lora_name", str, None), get(body, "lora_path", str, None)
+        if not name or not path:
+            raise APIError("Both 'lora_name' and 'lora_path' must be provided.", param="lora_name")
+        if name in self.loras:
+            raise APIError(f"The lora adapter '{clip(name)}' has already been loaded.", param="lora_name")
+        try:
+            await self.workers.run(self.add_lora, name, path)
+        except (OSError, ValueError, KeyError) as exc:
+            raise APIError(f"Failed to load LoRA adapter '{clip(name)}': {clip(str(exc), 200)}",
+                           param="lora_path") from None
+        return JSONResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_lora(self, request: Request) -> JSONResponse:
+        name = get(await self._lora_body(request), "lora_name", str, None)
+        if name not in self.loras:
+            raise APIError(f"The lora adapter '{clip(str(name))}' cannot be found.", status=404, param="lora_name")
+        del self.loras[name]
+        return JSONResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    async def _lora_body(self, request: Request) -> dict:
+        if not self.allow_lora_updates:
+            raise APIError("Loading and unloading LoRA adapters at run time needs --allow-runtime-lora-updating",
+                           status=404)
+        return parse_body(await request.body())
 
     async def health(self, request: Request) -> Response:
         return Response(status_code=200 if self.engine.is_ready else 503)
@@ -293,7 +341,7 @@ class OpenAIServer:
     def _checked_body(self, raw: bytes) -> dict:
         body = parse_body(raw)
         model = body.get("model")
-        if model is not None and model != self.name:
+        if model is not None and model != self.name and model not in self.loras:
             raise APIError(f"The model `{clip(str(model), 100)}` does not exist.", status=404, param="model")
         check_unsupported(body)
         if get(body, "stream_options", dict, None) is not None and not get(body, "stream", bool, False):
@@ -334,7 +382,8 @@ class OpenAIServer:
 
     async def _serve(self, request, body, request_id, prompts, params, render) -> Response:
         stream, options = get(body, "stream", bool, False), get(body, "stream_options", dict, None)
-        streams = await self._start(request_id, prompts, params)
+        lora = self.loras.get(body.get("model")) if isinstance(body.get("model"), str) else None
+        streams = await self._start(request_id, prompts, params, lora)
         meta = {"id": request_id, "created": int(time.time()), "model": self.name}
         if stream:
             events = self._events(streams, render, meta, bool((options or {}).get("include_usage")))
@@ -350,11 +399,11 @@ class OpenAIServer:
         return JSONResponse({**meta, "object": render.object, "choices": choices, "usage": _usage(finals),
                              **render.extra(finals)})
 
-    async def _start(self, request_id: str, prompts, params) -> list[RequestStream]:
+    async def _start(self, request_id: str, prompts, params, lora: LoRARequest | None = None) -> list[RequestStream]:
         streams = []
         try:
             for i, ((text, ids), p) in enumerate(zip(prompts, params)):
-                streams.append(await self.engine.generate({"prompt_token_ids": ids}, p, f"{request_id}-{i}"))
+                streams.append(await self.engine.generate({"prompt_token_ids": ids}, p, f"{request_id}-{i}", lora))
         except BaseException:  # a later prompt failed: the earlier ones must not keep running
             await self._close(streams)
             raise

@@ -1,0 +1,138 @@
+"""Multi-LoRA: many PEFT adapters on one base model, mixed in the same batch.
+
+Storage: every LoRA-capable linear layer (qkv_proj, o_proj, gate_up_proj, down_proj) holds stacked A and B
+tensors of fixed shape, one slot per loaded adapter: A [max_loras, shards * max_rank, in] and
+B [max_loras, out, shards * max_rank], zero where an adapter has a smaller rank or does not target a shard.
+A fused layer's shards (q, k, v) each get their own rank block: A stacks their A matrices, and B puts each
+shard's B in its rows and its own columns, so B · (A · x) is exactly the three adapters side by side. The
+per-slot scaling (lora_alpha / r, or lora_alpha / sqrt(r) with rslora) is folded into B at load.
+
+Forward: the runner tells the manager each token's slot before a step (`prepare`; -1 for the base model);
+each LoRA layer then adds B[slot] · (A[slot] · x) for the tokens of each slot present, one pair of matmuls per
+slot (segmented over the slots present, not gathered per token: on a CPU that is fewer bytes moved). A batch
+without LoRA tokens skips the layer's LoRA work entirely.
+
+Slots: `LoRAManager.slot_for(request)` loads an adapter into a free slot, or evicts the least recently used
+slot that no running sequence holds.
+"""
+import json
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file
+
+# PEFT's module name -> (our layer, shard index)
+TARGETS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2), "o_proj": ("o_proj", 0),
+           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", 0)}
+
+
+@dataclass(frozen=True)
+class LoRARequest:
+    """vLLM's: a name (what a server request calls `model`), a positive id, and the PEFT adapter directory."""
+    lora_name: str
+    lora_int_id: int
+    lora_path: str
+
+
+class LoRALayer:
+    def __init__(self, linear, manager: "LoRAManager", max_loras: int, max_rank: int):
+        shards = getattr(linear, "shard_sizes", [linear.out_features])
+        self.manager, self.shard_sizes, self.rank = manager, shards, max_rank
+        dtype, device = linear.weight.dtype, linear.weight.device
+        self.a = torch.zeros(max_loras, len(shards) * max_rank, linear.in_features, dtype=dtype, device=device)
+        self.b = torch.zeros(max_loras, linear.out_features, len(shards) * max_rank, dtype=dtype, device=device)
+
+    def set(self, slot: int, shard: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+        r, rows = a.shape[0], sum(self.shard_sizes[:shard])
+        cols = shard * self.rank
+        self.a[slot, cols:cols + r] = a
+        self.b[slot, rows:rows + b.shape[0], cols:cols + r] = b * scaling
+
+    def clear(self, slot: int) -> None:
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+
+    def add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        for slot, rows in self.manager.token_groups:
+            xs = x[rows] if rows is not None else x
+            delta = (xs @ self.a[slot].t()) @ self.b[slot].t()
+            if rows is None:
+                out = out + delta
+            else:
+                out = out.index_add(0, rows, delta)
+        return out
+
+
+class LoRAManager:
+    def __init__(self, model: torch.nn.Module, max_loras: int, max_rank: int):
+        from .linear import Linear
+        self.max_loras, self.max_rank = max_loras, max_rank
+        self.layers: dict[str, LoRALayer] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, Linear) and name.rsplit(".", 1)[-1] in {t for t, _ in TARGETS.values()}:
+                module.lora = self.layers[name] = LoRALayer(module, self, max_loras, max_rank)
+        self.slots: OrderedDict[int, int] = OrderedDict()  # adapter id -> slot, least recently used first
+        self.token_groups: list[tuple[int, torch.Tensor | None]] = []  # this step's (slot, token rows)
+
+    def slot_for(self, request: LoRARequest, busy: set[int]) -> int:
+        """The adapter's slot, loading it first if needed; `busy` holds the ids running sequences use."""
+        if request.lora_int_id in self.slots:
+            self.slots.move_to_end(request.lora_int_id)
+            return self.slots[request.lora_int_id]
+        used = set(self.slots.values())
+        free = [s for s in range(self.max_loras) if s not in used]
+        if not free:
+            victim = next((i for i in self.slots if i not in busy), None)
+            if victim is None:
+                raise RuntimeError("every LoRA slot is held by a running request")
+            free = [self.slots.pop(victim)]
+        self._load(request, free[0])
+        self.slots[request.lora_int_id] = free[0]
+        return free[0]
+
+    def _load(self, request: LoRARequest, slot: int) -> None:
+        config, tensors = read_adapter(request.lora_path, self.max_rank)
+        r = config["r"]
+        scaling = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
+        for layer in self.layers.values():
+            layer.clear(slot)
+        for key, a in tensors.items():
+            if not key.endswith(".lora_A.weight"):
+                continue
+            module = key[:-len(".lora_A.weight")]  # "base_model.model.model.layers.0.self_attn.q_proj"
+            module = module[module.index("layers."):]
+            prefix, _, target = module.rpartition(".")
+            ours, shard = TARGETS[target]
+            b = tensors[key.replace("lora_A", "lora_B")]
+            self.layers[f"{prefix}.{ours}"].set(slot, shard, a, b, scaling)
+
+    def prepare(self, slots: list[int]) -> None:
+        """Each token's slot for the next forward pass (-1: the base model)."""
+        present = sorted(set(slots))
+        if present == [-1]:
+            self.token_groups = []
+        elif len(present) == 1:
+            self.token_groups = [(present[0], None)]
+        else:
+            index = torch.tensor(slots)
+            self.token_groups = [(s, (index == s).nonzero().squeeze(1)) for s in present if s != -1]
+
+
+def read_adapter(path: str, max_rank: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    """PEFT's adapter_config.json and adapter_model.safetensors, checked: LoRA, supported targets, rank."""
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        config = json.load(f)
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    unsupported = sorted(set(targets) - set(TARGETS))
+    if config.get("peft_type", "LORA") != "LORA" or unsupported:
+        raise ValueError(f"Unsupported LoRA adapter in {path}: nanoserve applies LoRA to {sorted(TARGETS)}, "
+                         f"this one targets {unsupported or config.get('peft_type')}")
+    if config["r"] > max_rank:
+        raise ValueError(f"LoRA rank {config['r']} of {path} exceeds max_lora_rank={max_rank}")
+    if config.get("modules_to_save") or config.get("bias", "none") != "none":
+        raise ValueError(f"LoRA adapter {path} trains extra modules or biases, which nanoserve does not apply")
+    return config, {k: v.float() for k, v in load_file(os.path.join(path, "adapter_model.safetensors")).items()}
