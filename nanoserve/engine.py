@@ -134,6 +134,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self.num_prompt_tokens = self.num_generation_tokens = 0
         self.num_failed_steps = 0  # consecutive; the server gives up on a device that fails every step
+        self.lora_names: dict[int, str] = {}  # LoRA adapter id -> name, for the metrics
 
     def _make_proposer(self):
         spec = self.config.speculative_config
@@ -210,6 +211,7 @@ class LLMEngine:
             raise ParamError("LoRA adapters need an engine built with enable_lora=True", "model")
         if lora_request.lora_int_id < 1:
             raise ParamError("lora_int_id must be a positive integer", "model")
+        self.lora_names[lora_request.lora_int_id] = lora_request.lora_name
         busy = {s.lora_id for r in self.requests.values() for s in r.seqs if s.finish_reason is None}
         try:
             return lora_request.lora_int_id, self.runner.lora.slot_for(lora_request, busy)
@@ -463,9 +465,16 @@ class LLMEngine:
         for seq in req.seqs:
             self.seq_owner.pop(seq.seq_id, None)
 
+    def _adapters(self, seqs) -> str:
+        return ",".join(sorted({self.lora_names[q.lora_id] for q in seqs if q.lora_id}))
+
     def stats(self) -> dict:
         s = self.scheduler
-        return {"num_requests_running": len(s.running), "num_requests_waiting": len(s.waiting),
+        lora = {}
+        if self.runner.lora is not None:  # vLLM's lora_requests_info: which adapters run and wait
+            lora = {"lora_requests_info": {"max_lora": self.config.max_loras, "running": self._adapters(s.running),
+                                           "waiting": self._adapters(s.waiting)}}
+        return {**lora, "num_requests_running": len(s.running), "num_requests_waiting": len(s.waiting),
                 "kv_cache_usage_perc": s.block_manager.usage, "num_preemptions": s.num_preemptions,
                 "prefix_cache_queries": s.prefix_cache_queries, "prefix_cache_hits": s.prefix_cache_hits,
                 "prompt_tokens": self.num_prompt_tokens, "generation_tokens": self.num_generation_tokens,

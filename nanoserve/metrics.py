@@ -5,6 +5,8 @@ and the per-reason success counter are fed by the server with each finished requ
 first scheduled, every token). `render()` writes the Prometheus text format for GET /metrics through
 `prometheus_client`: prefix `vllm:`, label `model_name`, counters with `_total`.
 """
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
@@ -48,6 +50,12 @@ class _StatsCollector:
             yield self._family(GaugeMetricFamily, name, GAUGES[name])
         for name in (n for n in COUNTERS if n in self.stats):
             yield self._family(CounterMetricFamily, name, COUNTERS[name])
+        lora = self.stats.get("lora_requests_info")
+        if lora is not None:  # vLLM's: the adapters in the labels, the scrape's time as the value
+            family = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
+                                       labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+            family.add_metric([str(lora["max_lora"]), lora["running"], lora["waiting"]], time.time())
+            yield family
 
     def _family(self, kind, name: str, help_text: str):
         family = kind(f"vllm:{name}", help_text, labels=["model_name"])

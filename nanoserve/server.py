@@ -341,7 +341,7 @@ class OpenAIServer:
     def _checked_body(self, raw: bytes) -> dict:
         body = parse_body(raw)
         model = body.get("model")
-        if model is not None and model != self.name and model not in self.loras:
+        if model is not None and not (model == self.name or isinstance(model, str) and model in self.loras):
             raise APIError(f"The model `{clip(str(model), 100)}` does not exist.", status=404, param="model")
         check_unsupported(body)
         if get(body, "stream_options", dict, None) is not None and not get(body, "stream", bool, False):

@@ -171,3 +171,11 @@ def test_drawn_mixes_match_peft(qwen2_dir, adapters):
             assert out.outputs[0].token_ids == reference(qwen2_dir, lora and lora.lora_path, tuple(ids))
     check()
 
+
+
+def test_lora_requests_info_metric(lora_server):
+    import httpx
+    url, _ = lora_server
+    text = httpx.get(url + "/metrics").text
+    line = next(l for l in text.splitlines() if l.startswith("vllm:lora_requests_info{"))
+    assert 'max_lora="2"' in line and 'running_lora_adapters=""' in line
