@@ -20,9 +20,11 @@ from nanoserve import LLM, SamplingParams
 from nanoserve.quantization import Int8Kernel
 from quant_tools.dequant import dequantize_checkpoint
 
-DATA = os.path.join(os.path.dirname(__file__), "data", "quant")
-TOKENIZER = os.path.join(DATA, "tokenizer")
-CHECKPOINTS = sorted(d for d in os.listdir(DATA) if d != "tokenizer")
+# All 45 variants: `python tests/quant_tools/make_checkpoints.py DIR` (in the venv its docstring names), then
+# NANOSERVE_QUANT_CHECKPOINTS=DIR python -m pytest tests/test_quantization.py
+DATA = os.environ.get("NANOSERVE_QUANT_CHECKPOINTS") or os.path.join(os.path.dirname(__file__), "data", "quant")
+TOKENIZER = os.path.join(os.path.dirname(__file__), "data", "quant", "tokenizer")
+CHECKPOINTS = sorted(d for d in os.listdir(DATA) if d != "tokenizer" and "-base" not in d)
 PROMPTS = [[5, 9, 33, 71, 102, 7, 250], [300, 301, 302, 303], [42] * 9]
 
 
