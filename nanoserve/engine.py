@@ -179,13 +179,13 @@ class LLMEngine:
         if self.is_pooling != isinstance(params, PoolingParams):
             raise ParamError("This model computes embeddings: give it PoolingParams (LLM.embed)" if self.is_pooling
                              else "This model generates text: PoolingParams need runner=\"pooling\"")
+        lora = self._lora_slot(lora_request)  # (adapter id, slot): every kind of request can use an adapter
         if self.is_pooling:
-            return self._add_pooling(request_id, text, ids, params)
+            return self._add_pooling(request_id, text, ids, params, lora)
         if isinstance(params, BeamSearchParams):
-            return self._add_beam_search(request_id, text, ids, params)
+            return self._add_beam_search(request_id, text, ids, params, lora)
         params = (params or SamplingParams()).resolve(self.generation_config)
         self.validate_params(params)
-        lora_id, lora_slot = self._lora_slot(lora_request)
         # Seeded parallel samples must differ from each other, so each one gets its own seed; making them all here
         # checks every seed's range before anything is queued. The first sample alone computes prompt logprobs
         # (they are the request's, not a sample's); the others may then take the prompt from the prefix cache.
@@ -193,15 +193,20 @@ class LLMEngine:
         children = [p if p.seed is None else replace(p, seed=p.seed + i) for i, p in enumerate(children)]
         req = _Request(request_id, text, ids, params, [], [], [[] for _ in range(params.n)], [0.0] * params.n)
         for i, child in enumerate(children):
-            seq = Sequence(next(self._seq_ids), list(ids), len(ids), child, lora_id=lora_id, lora_slot=lora_slot)
+            seq = Sequence(next(self._seq_ids), list(ids), len(ids), child, lora_id=lora[0], lora_slot=lora[1])
             if i > 0 and self.config.enable_prefix_caching:
                 seq.waits_for = req.seqs[0]
             req.seqs.append(seq)
             req.detokenizers.append(Detokenizer(self.tokenizer, ids, params.skip_special_tokens))
+        self._register(req)
+
+    def _register(self, req: _Request) -> None:
+        """Queue a fully checked request's sequences (the last step of every add)."""
+        for i, seq in enumerate(req.seqs):
             self.seq_owner[seq.seq_id] = (req, i)
             self.scheduler.add(seq)
-        self.requests[request_id] = req
-        self.num_prompt_tokens += len(ids)
+        self.requests[req.request_id] = req
+        self.num_prompt_tokens += len(req.prompt_token_ids)
 
     def _lora_slot(self, lora_request) -> tuple[int, int]:
         """(adapter id, slot) for a request's LoRA adapter, loading it if needed; (0, -1) for the base model."""
@@ -218,27 +223,22 @@ class LLMEngine:
         except RuntimeError as exc:
             raise ParamError(str(exc), "model") from None
 
-    def _add_pooling(self, request_id: str, text: str | None, ids: list[int], params: PoolingParams) -> None:
+    def _add_pooling(self, request_id: str, text: str | None, ids: list[int], params: PoolingParams, lora) -> None:
         self.runner.pooler.check(params, self.config.served_model_name or self.config.model)
-        seq = Sequence(next(self._seq_ids), list(ids), len(ids), params, pools=True)
-        req = _Request(request_id, text, ids, params, [seq], [], [[]], [0.0])
-        self.seq_owner[seq.seq_id] = (req, 0)
-        self.scheduler.add(seq)
-        self.requests[request_id] = req
-        self.num_prompt_tokens += len(ids)
+        seq = Sequence(next(self._seq_ids), list(ids), len(ids), params, pools=True, lora_id=lora[0], lora_slot=lora[1])
+        self._register(_Request(request_id, text, ids, params, [seq], [], [[]], [0.0]))
 
-    def _add_beam_search(self, request_id: str, text: str | None, ids: list[int], params: BeamSearchParams) -> None:
+    def _add_beam_search(self, request_id: str, text: str | None, ids: list[int], params: BeamSearchParams,
+                         lora) -> None:
         if self.config.speculative_config is not None:
             raise ParamError("Beam search cannot run with speculative decoding", "use_beam_search")
         if params.beam_width > self.config.max_n_sequences:
             raise ParamError(f"n must be at most {self.config.max_n_sequences}, got {params.beam_width}", "n")
-        seq = Sequence(next(self._seq_ids), list(ids), len(ids), params.beam_params())
+        seq = Sequence(next(self._seq_ids), list(ids), len(ids), params.beam_params(), lora_id=lora[0],
+                       lora_slot=lora[1])
         req = _Request(request_id, text, ids, params, [seq], [], [[]], [0.0])
         req.beams = BeamGroup(params, len(ids), self.eos_token_ids, seq)
-        self.seq_owner[seq.seq_id] = (req, 0)
-        self.scheduler.add(seq)
-        self.requests[request_id] = req
-        self.num_prompt_tokens += len(ids)
+        self._register(req)
 
     def _advance_beams(self, req: _Request, seq: Sequence, entry) -> None:
         """A beam's candidates are in; once all are, choose the next beams (beam_search.py) and apply the choice:

@@ -36,23 +36,24 @@ class LLM:
         return self._submit(prompts, sampling_params, use_tqdm, lora_request)
 
     def embed(self, prompts, pooling_params: PoolingParams | list[PoolingParams] | None = None,
-              use_tqdm: bool = True) -> list[PoolingRequestOutput]:
+              use_tqdm: bool = True, lora_request=None) -> list[PoolingRequestOutput]:
         """One embedding per prompt (`output.outputs.embedding`), as vLLM's `LLM.embed`."""
         if not self.engine.is_pooling:
             raise ValueError("LLM.embed() is only supported for pooling models: build the LLM with "
                              "runner=\"pooling\"")
         if not isinstance(pooling_params, list):
             pooling_params = pooling_params or PoolingParams()
-        return self._submit(prompts, pooling_params, use_tqdm)
+        return self._submit(prompts, pooling_params, use_tqdm, lora_request)
 
-    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False,
+                    lora_request=None) -> list[BeamSearchOutput]:
         """vLLM's offline beam search: for each prompt, the best `beam_width` hypotheses, best first; each
         `BeamSearchSequence` holds the prompt's and the output's tokens. The beams of all prompts run together,
         continuously batched like any other requests."""
         if self.engine.is_pooling:
             raise ValueError("LLM.beam_search() is only supported for generative models")
         outputs = []
-        for out in self._submit(prompts, params, use_tqdm):
+        for out in self._submit(prompts, params, use_tqdm, lora_request):
             outputs.append(BeamSearchOutput([BeamSearchSequence(
                 out.prompt_token_ids + o.token_ids, o.logprobs, o.cumulative_logprob, o.text, o.finish_reason,
                 o.stop_reason) for o in out.outputs]))

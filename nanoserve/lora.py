@@ -94,7 +94,8 @@ class LoRAManager:
         return free[0]
 
     def _load(self, request: LoRARequest, slot: int) -> None:
-        config, tensors = read_adapter(request.lora_path, self.max_rank)
+        config = check_adapter(request.lora_path, self.max_rank)
+        tensors = load_file(os.path.join(request.lora_path, "adapter_model.safetensors"))
         r = config["r"]
         scaling = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
         for layer in self.layers.values():
@@ -107,22 +108,24 @@ class LoRAManager:
             prefix, _, target = module.rpartition(".")
             ours, shard = TARGETS[target]
             b = tensors[key.replace("lora_A", "lora_B")]
-            self.layers[f"{prefix}.{ours}"].set(slot, shard, a, b, scaling)
+            self.layers[f"{prefix}.{ours}"].set(slot, shard, a.float(), b.float(), scaling)
 
-    def prepare(self, slots: list[int]) -> None:
-        """Each token's slot for the next forward pass (-1: the base model)."""
-        present = sorted(set(slots))
+    def prepare(self, items: list[tuple[int, int]]) -> None:
+        """The next forward pass's (slot, number of tokens) per scheduled item, in batch order (-1: the base
+        model). Each slot present gets the rows of its tokens, or None when it has them all."""
+        present = sorted({slot for slot, _ in items})
         if present == [-1]:
             self.token_groups = []
         elif len(present) == 1:
             self.token_groups = [(present[0], None)]
         else:
-            index = torch.tensor(slots)
+            slots, counts = zip(*items)
+            index = torch.tensor(slots).repeat_interleave(torch.tensor(counts))
             self.token_groups = [(s, (index == s).nonzero().squeeze(1)) for s in present if s != -1]
 
 
-def read_adapter(path: str, max_rank: int) -> tuple[dict, dict[str, torch.Tensor]]:
-    """PEFT's adapter_config.json and adapter_model.safetensors, checked: LoRA, supported targets, rank."""
+def check_adapter(path: str, max_rank: int) -> dict:
+    """PEFT's adapter_config.json, checked: LoRA, supported targets, rank, nothing else trained."""
     with open(os.path.join(path, "adapter_config.json")) as f:
         config = json.load(f)
     targets = config.get("target_modules") or []
@@ -135,4 +138,6 @@ def read_adapter(path: str, max_rank: int) -> tuple[dict, dict[str, torch.Tensor
         raise ValueError(f"LoRA rank {config['r']} of {path} exceeds max_lora_rank={max_rank}")
     if config.get("modules_to_save") or config.get("bias", "none") != "none":
         raise ValueError(f"LoRA adapter {path} trains extra modules or biases, which nanoserve does not apply")
-    return config, {k: v.float() for k, v in load_file(os.path.join(path, "adapter_model.safetensors")).items()}
+    if not os.path.isfile(os.path.join(path, "adapter_model.safetensors")):
+        raise ValueError(f"LoRA adapter {path} has no adapter_model.safetensors")
+    return config

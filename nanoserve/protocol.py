@@ -118,7 +118,7 @@ def check_unsupported(body: dict) -> None:
              "response_format": ({"type": "text"},), "suffix": ("",), "modalities": (["text"],),
              "guided_json": (), "guided_regex": (),
              "guided_choice": (), "guided_grammar": (), "structured_outputs": (), "prompt_embeds": (),
-             "audio": (), "prediction": ()}
+             "audio": (), "prediction": (), "truncate_prompt_tokens": ()}
     names = [name for name, allowed in no_op.items() if body.get(name) is not None and body[name] not in allowed]
     best_of = body.get("best_of")
     if best_of is not None and best_of != (body.get("n") or 1):

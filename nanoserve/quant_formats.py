@@ -71,7 +71,7 @@ class CompressedTensors(CheckpointMethod):
     W8A8 int8 runs on the int8 weight-only kernel (activations in full precision); the others dequantize."""
     FORMATS = ("pack-quantized", "int-quantized", "float-quantized")
 
-    def __init__(self, config: dict, device: torch.device):
+    def __init__(self, config: dict):
         groups = list((config.get("config_groups") or {}).values())
         self.format = config.get("format")
         if self.format not in self.FORMATS or len(groups) != 1 or groups[0].get("targets") != ["Linear"]:
@@ -136,7 +136,7 @@ class Fp8Checkpoint(CheckpointMethod):
     (`weight_scale_inv`, `weight_block_size`); an `input_scale` (static activations) is not needed here."""
     tensor_suffixes = (".weight", ".weight_scale", ".weight_scale_inv", ".input_scale")
 
-    def __init__(self, config: dict, device: torch.device):
+    def __init__(self, config: dict):
         self.block = config.get("weight_block_size")
         self.ignore = set(config.get("modules_to_not_convert") or []) | {"lm_head"}
         self.name = "fp8" + (f" ({self.block[0]}x{self.block[1]} blocks)" if self.block else "")
@@ -158,7 +158,7 @@ class Gptq(CheckpointMethod):
     v2 zero-point convention (`checkpoint_format`)."""
     tensor_suffixes = (".qweight", ".qzeros", ".scales", ".g_idx")
 
-    def __init__(self, config: dict, device: torch.device):
+    def __init__(self, config: dict):
         self.bits, self.group_size = config.get("bits"), config.get("group_size", -1)
         self.v2 = config.get("checkpoint_format", "gptq") == "gptq_v2"
         self.skip = set(config.get("modules_to_not_convert") or []) | {"lm_head"}
@@ -178,7 +178,7 @@ class Awq(CheckpointMethod):
     """quant_method "awq", GEMM layout, 4 bits, zero points."""
     tensor_suffixes = (".qweight", ".qzeros", ".scales")
 
-    def __init__(self, config: dict, device: torch.device):
+    def __init__(self, config: dict):
         self.bits, self.group_size = config.get("bits", config.get("w_bit")), config.get("group_size",
                                                                                            config.get("q_group_size"))
         version = str(config.get("version", "gemm")).lower()

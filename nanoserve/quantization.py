@@ -15,11 +15,10 @@ memory (4x), not time: 0.65x float32's speed at batch 1, 0.94x at 32 sequences (
 in 4-bit and FP8 are dequantized once at load (the log says so): they load and run correctly, without the memory
 saving, until kernels for them are measured.
 """
-import logging
-
 import torch
 
-logger = logging.getLogger("nanoserve")
+from .linear import Linear
+
 ON_THE_FLY = ("int8",)
 CHECKPOINT_FORMATS = ("compressed-tensors", "fp8", "gptq", "awq")
 
@@ -49,7 +48,7 @@ class Int8Kernel:
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def make_method(quantization: str | None, hf_config, device: torch.device):
+def make_method(quantization: str | None, hf_config):
     """The method for this model: from `quantization` (the user's) or the checkpoint's quantization_config."""
     checkpoint = getattr(hf_config, "quantization_config", None)
     if checkpoint is not None and not isinstance(checkpoint, dict):
@@ -59,7 +58,7 @@ def make_method(quantization: str | None, hf_config, device: torch.device):
         if found:
             raise ValueError(f"--quantization {quantization} quantizes a full-precision checkpoint, but this one "
                              f"is already quantized ({found})")
-        return OnTheFlyInt8(device)
+        return OnTheFlyInt8()
     if quantization == "fp8" and found is None:
         raise ValueError("--quantization fp8 on the fly (dynamic FP8, a GPU of compute capability 8.9 or newer) is "
                          "not implemented yet; FP8 checkpoints load (dequantized), and --quantization int8 works")
@@ -72,7 +71,7 @@ def make_method(quantization: str | None, hf_config, device: torch.device):
     formats = {"compressed-tensors": quant_formats.CompressedTensors, "fp8": quant_formats.Fp8Checkpoint,
                "gptq": quant_formats.Gptq, "awq": quant_formats.Awq}
     if found in formats:
-        return formats[found](checkpoint, device)
+        return formats[found](checkpoint)
     raise ValueError(f"Unsupported quantization method {found!r} in config.json; nanoserve loads "
                      f"{', '.join(CHECKPOINT_FORMATS)} checkpoints and quantizes to {', '.join(ON_THE_FLY)} on the fly")
 
@@ -99,9 +98,6 @@ class OnTheFlyInt8(QuantMethod):
     int8 per output channel at load, weight-only."""
     name = "int8 weight-only, per output channel (on the fly)"
 
-    def __init__(self, device: torch.device):
-        self.device = device
-
     def finalize(self, layer, shards, name: str = "") -> None:
         layer.kernel = Int8Kernel(layer.weight.detach(), layer.bias)
         layer.weight = None  # the full-precision copy is not kept (a tied lm_head keeps the embedding's)
@@ -109,7 +105,6 @@ class OnTheFlyInt8(QuantMethod):
 
 def quantize_model(model: torch.nn.Module, method: QuantMethod) -> None:
     """On-the-fly methods: quantize every covered layer of a loaded full-precision model."""
-    from .linear import Linear
     for name, module in model.named_modules():
         if isinstance(module, Linear) and method.covers(name):
             method.finalize(module, [], name)

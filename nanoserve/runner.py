@@ -26,7 +26,7 @@ from .models import model_class
 from .lora import LoRAManager
 from .pooling import Pooler
 from .quantization import OnTheFlyInt8, make_method, quantize_model, weight_bytes
-from .sampling import SampleRequest, SamplingParams, logprob_entry, prompt_logprob_entries, sample, target_probs
+from .sampling import SampleRequest, SamplingParams, logprob_entries, logprob_entry, sample, target_probs
 from .scheduler import Batch, ScheduledSeq, Sequence, rejection_sample
 from .weights import load_weights
 
@@ -54,7 +54,7 @@ class ModelRunner:
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         self.kv_shape = (hf.num_hidden_layers, 2, config.block_size, hf.num_key_value_heads, head_dim)  # per block
         self.attention = self._make_attention(hf.num_attention_heads, hf.num_key_value_heads, head_dim)
-        self.quant_method = make_method(config.quantization, hf, self.device)
+        self.quant_method = make_method(config.quantization, hf)
         start = time.perf_counter()
         with torch.device(self.device), _default_dtype(self.dtype):
             model = model_class(hf)(hf, register_backend(self.attention), config.max_model_len)
@@ -197,12 +197,14 @@ class ModelRunner:
         return StepResult(tokens, logprobs, prompt_logprobs, pooled)
 
     def _pool(self, batch: Batch, hidden: torch.Tensor) -> list:
+        if self.pooler is None:
+            return [None] * len(batch.scheduled)
         pooled, first_row = [], 0
         for item in batch.scheduled:
             rows = hidden[first_row:first_row + item.num_new_tokens]
             first_row += item.num_new_tokens
             last = item.start + item.num_new_tokens == item.seq.num_tokens
-            pooled.append(self.pooler.update(item.seq, rows, item.start, last) if item.seq.pools else None)
+            pooled.append(self.pooler.update(item.seq, rows, item.start, last))
         return pooled
 
     def _prompt_logprobs(self, batch: Batch, hidden: torch.Tensor) -> list[list | None]:
@@ -223,7 +225,8 @@ class ModelRunner:
                 stop = min(start + PROMPT_LOGITS_ROWS, end)
                 logits = self.model.compute_logits(hidden[rows + start - item.start:rows + stop - item.start])
                 targets = self.to_device(seq.token_ids[start + 1:stop + 1])
-                entries += prompt_logprob_entries(logits, targets, seq.params.prompt_logprobs)
+                entries += logprob_entries(torch.log_softmax(logits.float(), dim=-1), targets,
+                                           seq.params.prompt_logprobs)
             out.append(entries)
         return out
 
@@ -248,7 +251,7 @@ class ModelRunner:
         """Run the model: logits of the positions that sample, in batch order, and every position's hidden state."""
         input_ids, positions, meta, logit_rows = self._prepare(batch)
         if self.lora is not None:
-            self.lora.prepare([item.seq.lora_slot for item in batch.scheduled for _ in range(item.num_new_tokens)])
+            self.lora.prepare([(item.seq.lora_slot, item.num_new_tokens) for item in batch.scheduled])
         if self.graphs is not None and self.graphs.fits(meta) and not (self.lora and self.lora.token_groups):
             hidden = self.graphs.replay(input_ids, positions, meta)
         else:

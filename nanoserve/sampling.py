@@ -223,9 +223,8 @@ def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def prompt_logprob_entries(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list:
-    """`logprob_entry` for many rows at once: row i's raw logits score token `targets[i]`."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
+def logprob_entries(logprobs: torch.Tensor, targets: torch.Tensor, k: int) -> list:
+    """Per row of raw logprobs: (logprob of token `targets[i]`, its rank, the top-k (token, logprob) pairs)."""
     chosen = logprobs.gather(1, targets[:, None])
     ranks = ((logprobs > chosen).sum(dim=1) + 1).tolist()
     top = torch.topk(logprobs, k) if k > 0 else None
@@ -235,9 +234,5 @@ def prompt_logprob_entries(logits: torch.Tensor, targets: torch.Tensor, k: int) 
 
 
 def logprob_entry(logprobs: torch.Tensor, token_id: int, k: int):
-    """(logprob of the token, its rank, the top-k (token, logprob) pairs) from one row of raw logprobs."""
-    chosen = logprobs[token_id]
-    rank = int((logprobs > chosen).sum()) + 1
-    top = torch.topk(logprobs, k) if k > 0 else None
-    top_list = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-    return float(chosen), rank, top_list
+    """`logprob_entries` for one row."""
+    return logprob_entries(logprobs[None], torch.tensor([token_id], device=logprobs.device), k)[0]

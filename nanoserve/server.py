@@ -33,7 +33,7 @@ from .async_engine import AsyncLLMEngine, EngineUnavailable, RequestFailed, Requ
 from .engine import Logprob, RequestOutput
 from .metrics import Metrics
 from .beam_search import BeamSearchParams
-from .lora import LoRARequest
+from .lora import LoRARequest, check_adapter
 from .pooling import PoolingParams
 from .protocol import (APIError, Limits, all_of, chat_messages, check_unsupported, clip, completion_prompts,
                        error_body, get, parse_body, sampling_fields, template_kwargs)
@@ -156,8 +156,7 @@ class OpenAIServer:
         """Serve the PEFT adapter at `path` as model `name` (checked now: a bad adapter fails here)."""
         if self.core.runner.lora is None:
             raise ValueError("LoRA adapters need --enable-lora")
-        from .lora import read_adapter
-        read_adapter(path, self.core.config.max_lora_rank)
+        check_adapter(path, self.core.config.max_lora_rank)
         ids = [lora.lora_int_id for lora in self.loras.values()]
         self.loras[name] = LoRARequest(name, max(ids, default=0) + 1, path)
 
@@ -246,8 +245,8 @@ class OpenAIServer:
 
     async def completions(self, request: Request) -> Response:
         self._serves("Completions", pooling=False)
-        body, prompts, params, echo = await self._prepare(request, self._prepare_completion)
-        render = CompletionRender(self.tokenizer, prompts, echo, params[0])
+        body, prompts, params, echo, prompt_only = await self._prepare(request, self._prepare_completion)
+        render = CompletionRender(self.tokenizer, prompts, echo, prompt_only, params[0])
         return await self._serve(request, body, f"cmpl-{uuid.uuid4().hex}", prompts, params, render)
 
     def _prepare_completion(self, raw: bytes):
@@ -258,10 +257,10 @@ class OpenAIServer:
         if echo and logprobs is not None and prompt_logprobs is None:
             prompt_logprobs = logprobs  # as vLLM: echoed prompt tokens carry logprobs like the generated ones
         # echo with max_tokens 0 (how evaluation harnesses score a text): generate one token, return the prompt
-        echo_only = echo and get(body, "max_tokens", int, None) == 0
+        prompt_only = echo and get(body, "max_tokens", int, None) == 0
         params = [self._beam_params(body, 16, len(ids)) or
-                  self._params(body, len(ids), 16, logprobs, prompt_logprobs, echo_only) for _, ids in prompts]
-        return body, prompts, params, "only" if echo_only else echo
+                  self._params(body, len(ids), 16, logprobs, prompt_logprobs, prompt_only) for _, ids in prompts]
+        return body, prompts, params, echo, prompt_only
 
     def _beam_params(self, body: dict, default_max: int | None, prompt_len: int) -> BeamSearchParams | None:
         """`use_beam_search` (vLLM's extension): `n` is the beam width; the answer comes whole, never streamed."""
@@ -269,6 +268,10 @@ class OpenAIServer:
             return None
         if get(body, "stream", bool, False):
             raise APIError("Streaming is not supported for beam search.", param="stream")
+        ignored = [name for name in ("logprobs", "top_logprobs", "prompt_logprobs", "stop", "stop_token_ids", "seed")
+                   if body.get(name) not in (None, False, [])]
+        if ignored:  # beam search has none of these: refuse rather than answer as if they applied
+            raise APIError(f"{', '.join(ignored)} cannot be combined with use_beam_search", param=ignored[0])
         plain = self._params(body, prompt_len, default_max, None)  # the usual checks of n, max_tokens, context
         return BeamSearchParams(beam_width=plain.n, max_tokens=plain.max_tokens or self.max_model_len - prompt_len,
                                 ignore_eos=plain.ignore_eos, temperature=get(body, "temperature", float, None) or 0.0,
@@ -364,11 +367,11 @@ class OpenAIServer:
         return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
 
     def _params(self, body: dict, prompt_len: int, default_max: int | None, logprobs: int | None,
-                prompt_logprobs: int | None = None, echo_only: bool = False) -> SamplingParams:
+                prompt_logprobs: int | None = None, prompt_only: bool = False) -> SamplingParams:
         fields = sampling_fields(body, self.limits, self.max_model_len)
         requested = get(body, "max_completion_tokens", int, None)
         requested = requested if requested is not None else get(body, "max_tokens", int, None)
-        requested = 1 if echo_only else requested
+        requested = 1 if prompt_only else requested  # echo with max_tokens 0: one token, then dropped
         if requested is not None and prompt_len + requested > self.max_model_len:
             raise APIError(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
                            f"requested {requested} output tokens and your prompt contains {prompt_len} input "
@@ -493,13 +496,14 @@ class Render:
 
 class CompletionRender(Render):
     """/v1/completions: `text` and the legacy logprobs layout. With `echo` the prompt comes first, in the text and,
-    with `logprobs`, in the logprobs (its first token has none); `echo="only"` (max_tokens 0) returns the prompt
-    alone, dropping the one token generated."""
+    with `logprobs`, in the logprobs (its first token has none); `prompt_only` (echo with max_tokens 0) returns
+    the prompt alone, dropping the one token generated. Logprobs are sent when the request asked for them."""
     object = chunk_object = "text_completion"
 
-    def __init__(self, tokenizer, prompts, echo: bool | str, params: SamplingParams):
+    def __init__(self, tokenizer, prompts, echo: bool, prompt_only: bool, params: SamplingParams):
         super().__init__(params.n)
         self.tokenizer, self.prompts, self.echo, self.top = tokenizer, prompts, echo, params.logprobs
+        self.prompt_only = prompt_only
         self.prefixes = [(text if text is not None else tokenizer.decode(ids)) if echo else "" for text, ids in prompts]
         self.offsets = {}  # choice index -> characters sent so far, for logprobs' text_offset
 
@@ -507,7 +511,7 @@ class CompletionRender(Render):
         return self.delta(index, prompt_index, True, o.text, o.logprobs, o.token_ids, o, out)
 
     def delta(self, index, prompt_index, first, text, entries, token_ids, o, out) -> dict:
-        if self.echo == "only":
+        if self.prompt_only:
             text, entries, token_ids = "", entries and [], []
         prefix = self.prefixes[prompt_index] if first else ""
         if first and self.echo:
@@ -515,8 +519,7 @@ class CompletionRender(Render):
             if entries is not None:
                 entries = (out.prompt_logprobs or [None] * len(self.prompts[prompt_index][1])) + list(entries)
         start = self.offsets.get(index, 0)
-        wanted = entries is not None and self.top is not None  # beam search keeps entries nobody asked for
-        logprobs = self._logprobs(entries, token_ids, start) if wanted else None
+        logprobs = self._logprobs(entries, token_ids, start) if self.top is not None else None
         self.offsets[index] = start + len(prefix) + len(text)
         choice = {"index": index, "text": prefix + text, "logprobs": logprobs, "finish_reason": o.finish_reason,
                   "stop_reason": o.stop_reason}
@@ -569,7 +572,7 @@ class ChatRender(Render):
                 "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
 
     def _logprobs(self, entries, token_ids) -> dict | None:
-        if entries is None or self.top is None:
+        if self.top is None:  # the request asked for none
             return None
         content = []
         for entry, token in zip(entries, token_ids):

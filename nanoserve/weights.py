@@ -12,6 +12,8 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from .linear import Linear
+
 
 def load_weights(model: torch.nn.Module, model_dir: str, optional: set[str] = frozenset(), method=None) -> None:
     """Fill `model` from the checkpoint; every parameter but those in `optional` must be there. With a checkpoint
@@ -49,7 +51,6 @@ def load_weights(model: torch.nn.Module, model_dir: str, optional: set[str] = fr
 
 def _quantized_place(model, method, name: str) -> tuple[str, int, str] | None:
     """(our layer, shard index, tensor suffix) for a tensor of a layer the method quantizes, else None."""
-    from .linear import Linear
     suffix = next((s for s in method.tensor_suffixes if name.endswith(s)), None)
     if suffix is None:
         return None

@@ -156,6 +156,7 @@ def test_server_beam_search_equals_offline(client, llama_dir):
     ({"stream": True}, "Streaming is not supported for beam search."),
     ({"temperature": 0.7}, "only temperature 0"),
     ({"n": 11}, "beam_width must be in"),
+    ({"logprobs": 2, "stop": ["x"]}, "logprobs, stop cannot be combined with use_beam_search"),
 ])
 def test_server_beam_search_errors(url, extra, message):
     body = {"model": NAME, "prompt": "hi", "use_beam_search": True, "max_tokens": 3, **extra}

@@ -179,3 +179,17 @@ def test_lora_requests_info_metric(lora_server):
     text = httpx.get(url + "/metrics").text
     line = next(l for l in text.splitlines() if l.startswith("vllm:lora_requests_info{"))
     assert 'max_lora="2"' in line and 'running_lora_adapters=""' in line
+
+
+def test_beam_search_and_embeddings_take_the_adapter(qwen2_dir, adapters):
+    """An adapter applies to every kind of request: a beam of width 1 is the adapter's greedy output, and the
+    embedding of a prompt changes with the adapter."""
+    from nanoserve import BeamSearchParams
+    llm = LLM(qwen2_dir, enable_lora=True, max_loras=2, max_lora_rank=8)
+    ids = [12, 24, 36, 48]
+    beam = llm.beam_search([ids], BeamSearchParams(1, 10, ignore_eos=True), lora_request=adapters["all"])[0]
+    assert beam.sequences[0].tokens[len(ids):] == peft_greedy(qwen2_dir, adapters["all"].lora_path, ids)
+    embedder = LLM(qwen2_dir, runner="pooling", enable_lora=True, max_lora_rank=8)
+    base, adapted = (embedder.embed([ids], use_tqdm=False, lora_request=lora)[0].outputs.embedding
+                     for lora in (None, adapters["all"]))
+    assert base != adapted
