@@ -10,6 +10,10 @@ each query token to its sequence's cached keys, causally within the new chunk.
 Two backends implement this: `ReferenceAttention` here (pure PyTorch, the CPU path and the test oracle) and
 `FlashInferAttention` (flashinfer_attention.py, FlashInfer's paged kernels on NVIDIA GPUs).
 
+Layers may differ in how they attend (`LayerSpec`): the softmax scale, a sliding window (Mistral, Gemma's local
+layers: a query sees only the last `sliding_window` positions, itself included) and logit soft-capping (Gemma 2).
+The model says which layer does what (models/llama.py, `attention_specs`); each backend honours it.
+
 KV cache layout, all layers in one tensor: [layers, 2 (K, V), num_blocks, block_size, num_kv_heads, head_dim].
 K and V of one layer are each a FlashInfer "NHD" paged cache; gathering a sequence's blocks gives its keys as
 one contiguous tensor.
@@ -21,6 +25,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How one attention layer attends, besides the shapes that all layers share."""
+    scale: float  # softmax scale: head_dim ** -0.5, or Gemma's query_pre_attn_scalar ** -0.5
+    sliding_window: int | None = None  # keys at positions > query position - sliding_window (None: all)
+    logit_softcap: float | None = None  # scores become softcap * tanh(scores / softcap) before the softmax
 
 
 @dataclass
@@ -90,11 +102,13 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 
 class ReferenceAttention:
     """Pure-PyTorch paged attention. Decodes (one query token each) are batched into one padded call; prompt
-    chunks run one sequence at a time with a causal mask offset by the tokens already in the cache."""
+    chunks run one sequence at a time with a causal mask offset by the tokens already in the cache. Masks are
+    built once per step for each distinct sliding window among the layers."""
     supports_cuda_graphs = False  # prepare() makes new tensors of varying shapes every step
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
-        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, specs: list[LayerSpec]):
+        self.num_heads, self.num_kv_heads, self.head_dim, self.specs = num_heads, num_kv_heads, head_dim, specs
+        self.windows = sorted({s.sliding_window for s in specs}, key=lambda w: w or 0)
 
     def bind(self, kv_cache: torch.Tensor) -> None:
         self.kv_cache = kv_cache
@@ -110,37 +124,42 @@ class ReferenceAttention:
         decode = [i for i, q in enumerate(qlens) if q == 1]
         self.decode_tokens = None
         if len(decode) > 1:
-            lens = torch.tensor([meta.seq_lens[i] for i in decode], device=device)
+            lens = torch.tensor([meta.seq_lens[i] for i in decode], device=device)[:, None]
             self.decode_tokens = torch.tensor([meta.query_start_loc[i] for i in decode], device=device)
             self.decode_tables = self.block_tables[torch.tensor(decode, device=device)]
-            self.decode_mask = torch.arange(width * meta.block_size, device=device)[None, :] < lens[:, None]
+            key_pos = torch.arange(width * meta.block_size, device=device)[None, :]
+            # The query sits at position len - 1: it sees keys up to there, and only the window's last ones.
+            self.decode_masks = {w: (key_pos < lens) & (key_pos >= lens - (w or 1 << 62)) for w in self.windows}
         else:
             decode = []
-        self.chunk_masks = {i: self._chunk_mask(meta.seq_lens[i], qlens[i], device)
-                            for i in range(meta.num_seqs) if i not in decode}
+        chunks = [i for i in range(meta.num_seqs) if i not in decode]
+        self.chunk_masks = {w: {i: self._chunk_mask(meta.seq_lens[i], qlens[i], w, device) for i in chunks}
+                            for w in self.windows}
         # A sequence whose blocks are consecutive in the pool (the usual case for a lone sequence: the free list
         # hands out runs) is read in place, a view instead of a gather: (first block, last block + 1).
         self.block_ranges = {i: (t[0], t[-1] + 1) for i, t in enumerate(meta.block_tables)
-                             if i in self.chunk_masks and t and all(b - a == 1 for a, b in zip(t, t[1:]))}
+                             if i in chunks and t and all(b - a == 1 for a, b in zip(t, t[1:]))}
 
     @staticmethod
-    def _chunk_mask(seq_len: int, num_new: int, device) -> torch.Tensor | None:
-        """None when no mask is needed: a fresh prompt (plain causal attention) or one new token (it sees all)."""
-        if num_new == seq_len or num_new == 1:
+    def _chunk_mask(seq_len: int, num_new: int, window: int | None, device) -> torch.Tensor | None:
+        """None when no mask is needed: a fresh prompt (plain causal attention) or one new token (it sees all),
+        with no window that cuts keys off."""
+        if (num_new == seq_len or num_new == 1) and (window is None or window >= seq_len):
             return None
         # Query j sits at position seq_len - num_new + j and sees keys up to and including that position.
         q_pos = torch.arange(seq_len - num_new, seq_len, device=device)[:, None]
-        return torch.arange(seq_len, device=device)[None, :] <= q_pos
+        k_pos = torch.arange(seq_len, device=device)[None, :]
+        return (k_pos <= q_pos) & (k_pos > q_pos - window) if window else k_pos <= q_pos
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
-        kv_cache, meta = self.kv_cache[layer], self.meta
+        kv_cache, meta, spec = self.kv_cache[layer], self.meta, self.specs[layer]
         write_kv(kv_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         if self.decode_tokens is not None:
-            self._decode_batch(q, kv_cache, out)
-        for i, mask in self.chunk_masks.items():
+            self._decode_batch(q, kv_cache, out, spec)
+        for i, mask in self.chunk_masks[spec.sliding_window].items():
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-            out[start:end] = self._one_sequence(q[start:end], kv_cache, i, mask)
+            out[start:end] = self._one_sequence(q[start:end], kv_cache, i, mask, spec)
         return out
 
     def _gather(self, kv_cache: torch.Tensor, block_table: torch.Tensor):
@@ -148,7 +167,7 @@ class ReferenceAttention:
         kv = kv_cache.index_select(1, block_table.flatten())  # [2, rows * blocks, block_size, Hkv, D]
         return kv.view(2, *block_table.shape[:-1], -1, *kv_cache.shape[-2:]).unbind(0)
 
-    def _one_sequence(self, q, kv_cache, i, mask):
+    def _one_sequence(self, q, kv_cache, i, mask, spec):
         seq_len = self.meta.seq_lens[i]
         if i in self.block_ranges:
             first, end = self.block_ranges[i]
@@ -158,15 +177,31 @@ class ReferenceAttention:
         k, v = k[:seq_len], v[:seq_len]
         q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, heads, tokens, D]: the fused kernel's shape
         causal = mask is None and q.shape[2] == seq_len > 1  # a fresh prompt; one new token sees every key
-        return self._sdpa(q, k, v, mask, is_causal=causal).squeeze(0).transpose(0, 1)
+        return self._sdpa(q, k, v, mask, spec, is_causal=causal).squeeze(0).transpose(0, 1)
 
-    def _decode_batch(self, q, kv_cache, out):
+    def _decode_batch(self, q, kv_cache, out, spec):
         token_index = self.decode_tokens
         k, v = self._gather(kv_cache, self.decode_tables)  # [B, width, Hkv, D]
         qb = q[token_index].unsqueeze(2)  # [B, H, 1, D]
-        mask = self.decode_mask[:, None, None, :]  # [B, 1, 1, width]
-        out[token_index] = self._sdpa(qb, k.transpose(1, 2), v.transpose(1, 2), mask).squeeze(2)
+        mask = self.decode_masks[spec.sliding_window][:, None, None, :]  # [B, 1, 1, width]
+        out[token_index] = self._sdpa(qb, k.transpose(1, 2), v.transpose(1, 2), mask, spec).squeeze(2)
 
-    def _sdpa(self, q, k, v, mask, is_causal=False):
-        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scale,
-                                              is_causal=is_causal, enable_gqa=self.num_heads != self.num_kv_heads)
+    def _sdpa(self, q, k, v, mask, spec, is_causal=False):
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        if spec.logit_softcap is not None:
+            return _softcapped_attention(q, k, v, mask, spec, is_causal)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=spec.scale, is_causal=is_causal,
+                                              enable_gqa=self.num_heads != self.num_kv_heads)
+
+
+def _softcapped_attention(q, k, v, mask, spec: LayerSpec, is_causal: bool) -> torch.Tensor:
+    """Attention with Gemma 2's capped scores, spelled out: the fused SDPA kernel has no soft-capping."""
+    groups = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
+    scores = (q @ k.transpose(-1, -2)) * spec.scale
+    scores = torch.tanh(scores / spec.logit_softcap) * spec.logit_softcap
+    if is_causal:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v

@@ -22,7 +22,7 @@ from transformers import AutoConfig
 from .attention import AttentionMetadata, ReferenceAttention, host_tensor, register_backend
 from .config import EngineConfig
 from .linear import use_blas
-from .models import model_class
+from .models import attention_specs, model_class
 from .lora import LoRAManager
 from .pooling import Pooler
 from .quantization import OnTheFlyInt8, make_method, quantize_model, weight_bytes
@@ -53,7 +53,8 @@ class ModelRunner:
         config.resolve_for_model(hf)
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         self.kv_shape = (hf.num_hidden_layers, 2, config.block_size, hf.num_key_value_heads, head_dim)  # per block
-        self.attention = self._make_attention(hf.num_attention_heads, hf.num_key_value_heads, head_dim)
+        self.attention = self._make_attention(hf.num_attention_heads, hf.num_key_value_heads, head_dim,
+                                              attention_specs(hf))
         self.quant_method = make_method(config.quantization, hf)
         start = time.perf_counter()
         with torch.device(self.device), _default_dtype(self.dtype):
@@ -94,7 +95,7 @@ class ModelRunner:
         elif config.cudagraph_capture_sizes:
             logger.warning("CUDA graphs are off: the torch attention backend (float32) cannot be captured")
 
-    def _make_attention(self, num_heads: int, num_kv_heads: int, head_dim: int):
+    def _make_attention(self, num_heads: int, num_kv_heads: int, head_dim: int, specs: list):
         name = self.config.attention_backend
         if name == "auto":
             fast = self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16)
@@ -103,10 +104,9 @@ class ModelRunner:
                 logger.warning("flashinfer is not installed: using the (slow) torch attention, without CUDA graphs")
         logger.info("Attention backend: %s", name)
         if name == "torch":
-            return ReferenceAttention(num_heads, num_kv_heads, head_dim, head_dim ** -0.5)
+            return ReferenceAttention(num_heads, num_kv_heads, head_dim, specs)
         from .flashinfer_attention import FlashInferAttention
-        return FlashInferAttention(num_heads, num_kv_heads, head_dim, head_dim ** -0.5, self.dtype, self.device,
-                                   self.config)
+        return FlashInferAttention(num_heads, num_kv_heads, head_dim, specs, self.dtype, self.device, self.config)
 
     def _num_kv_blocks(self) -> int:
         c = self.config
@@ -265,7 +265,8 @@ class ModelRunner:
         for item in batch.scheduled:
             seq, start, end = item.seq, item.start, item.start + item.num_new_tokens
             ids += item.token_ids
-            positions += range(start, end)
+            rope = self.model.rope_table_offset(end)  # nonzero only for Phi-3's long sequences
+            positions += range(start + rope, end + rope)
             slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
             query_start.append(query_start[-1] + item.num_new_tokens)
             seq_lens.append(end)

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .linear import Linear
+from .models.moe import copy_expert_tensor
 
 
 def load_weights(model: torch.nn.Module, model_dir: str, optional: set[str] = frozenset(), method=None) -> None:
@@ -74,6 +75,8 @@ def _keys(file: str) -> list[str]:
 
 def _copy_tensor(model, params: dict, name: str, tensor: torch.Tensor) -> str | None:
     """Copy one checkpoint tensor into its parameter; returns the parameter's name (None if unused)."""
+    if ".experts." in name or "block_sparse_moe" in name:  # before the fused names: experts have gate_proj too
+        return copy_expert_tensor(params, name, tensor)
     for fragment, (fused, shard) in model.stacked_params.items():
         if f".{fragment}." in name:
             target = name.replace(fragment, fused)

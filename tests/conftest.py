@@ -24,8 +24,9 @@ import random
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, GenerationConfig, LlamaConfig,
-                          PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GenerationConfig, LlamaConfig,
+                          MistralConfig, MixtralConfig, Phi3Config, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -34,7 +35,23 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 CONFIG_CLASSES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
-ARCHS = list(CONFIG_CLASSES)
+ARCHS = list(CONFIG_CLASSES)  # the three that every engine test runs on
+# The other families (tests/test_model_families.py): each with the config fields that make it differ, at tiny size.
+FAMILIES = {
+    "mistral": (MistralConfig, dict(sliding_window=8)),
+    "gemma2": (Gemma2Config, dict(sliding_window=8, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+                                  final_logit_softcapping=3.0)),
+    "gemma3": (Gemma3TextConfig, dict(sliding_window=8, query_pre_attn_scalar=24, num_hidden_layers=3,
+                                      layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                                      rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                                       "full_attention": {"rope_type": "default", "rope_theta": 1e6}})),
+    "phi3": (Phi3Config, dict(sliding_window=12)),
+    "mixtral": (MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": (Qwen3MoeConfig, dict(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+                                       norm_topk_prob=True)),
+    "qwen2_moe": (Qwen2MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                       shared_expert_intermediate_size=48, mlp_only_layers=[1])),
+}
 INIT_STD = 0.3  # large on purpose: clear top-1 margins and varied greedy output
 
 
@@ -101,8 +118,12 @@ def make_tiny_model(path, arch: str, *, generation_config_overrides: dict | None
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id, dtype="float32")
+    config_class, family = CONFIG_CLASSES.get(arch), {}
+    if config_class is None:
+        config_class, family = FAMILIES[arch]
+    kwargs.update(family)
     kwargs.update(overrides)
-    config = CONFIG_CLASSES[arch](**kwargs)
+    config = config_class(**kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _reinit_(model, init_std)

@@ -24,7 +24,7 @@ class _Wrapper:
             self.buffers = (paged_kv_indptr_buffer, paged_kv_indices_buffer, paged_kv_last_page_len_buffer)
 
     def _plan(self, qo_indptr, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
-              causal, q_data_type, kv_data_type, sm_scale):
+              causal, q_data_type, kv_data_type, sm_scale, window_left=-1, logits_soft_cap=None):
         for t in (qo_indptr, indptr, indices, last_page_len):
             assert t.dtype == torch.int32, t.dtype
         assert indptr.device.type == "cpu" and last_page_len.device.type == "cpu"  # plan() reads them on the host
@@ -43,6 +43,7 @@ class _Wrapper:
             self.buffers = (indptr.clone(), indices.clone(), last_page_len.clone())
         self.qo_indptr, self.page_size, self.causal = qo_indptr.tolist(), page_size, causal
         self.scale = sm_scale if sm_scale is not None else head_dim ** -0.5
+        self.window_left, self.soft_cap = window_left, logits_soft_cap  # query i sees keys i - window_left .. i
         plans.append(self)
 
     def run(self, q, paged_kv_cache):
@@ -56,25 +57,32 @@ class _Wrapper:
             k = k_cache[pages].flatten(0, 1)[:kv_len].float().repeat_interleave(group, dim=1)
             v = v_cache[pages].flatten(0, 1)[:kv_len].float().repeat_interleave(group, dim=1)
             scores = torch.einsum("qhd,khd->hqk", q[q0:q1].float(), k) * self.scale
+            if self.soft_cap:
+                scores = self.soft_cap * torch.tanh(scores / self.soft_cap)
+            q_pos, k_pos = torch.arange(kv_len - (q1 - q0), kv_len)[:, None], torch.arange(kv_len)[None, :]
             if self.causal:  # query j of n sits at position kv_len - n + j
-                allowed = torch.arange(kv_len)[None, :] <= torch.arange(kv_len - (q1 - q0), kv_len)[:, None]
-                scores = scores.masked_fill(~allowed, float("-inf"))
+                scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+            if self.window_left >= 0:
+                scores = scores.masked_fill(k_pos < q_pos - self.window_left, float("-inf"))
             out[q0:q1] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
         return out
 
 
 class BatchDecodeWithPagedKVCacheWrapper(_Wrapper):
     def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, *,
-             q_data_type="float16", kv_data_type=None, sm_scale=None, **unused):
+             q_data_type="float16", kv_data_type=None, sm_scale=None, window_left=-1, logits_soft_cap=None,
+             **unused):
         qo_indptr = torch.arange(len(last_page_len) + 1, dtype=torch.int32)
         self._plan(qo_indptr, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
-                   False, q_data_type, kv_data_type, sm_scale)
+                   False, q_data_type, kv_data_type, sm_scale, window_left, logits_soft_cap)
 
 
 class BatchPrefillWithPagedKVCacheWrapper(_Wrapper):
     def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads,
              num_kv_heads, head_dim_qk, page_size, head_dim_vo=None, custom_mask=None, packed_custom_mask=None,
-             causal=False, *, q_data_type="float16", kv_data_type=None, sm_scale=None, **unused):
+             causal=False, *, q_data_type="float16", kv_data_type=None, sm_scale=None, window_left=-1,
+             logits_soft_cap=None, **unused):
         assert qo_indptr.device.type == "cpu"
         self._plan(qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads,
-                   num_kv_heads, head_dim_qk, page_size, causal, q_data_type, kv_data_type, sm_scale)
+                   num_kv_heads, head_dim_qk, page_size, causal, q_data_type, kv_data_type, sm_scale, window_left,
+                   logits_soft_cap)

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 import fake_flashinfer
 from nanoserve import LLM, SamplingParams
-from nanoserve.attention import AttentionMetadata, ReferenceAttention
+from nanoserve.attention import AttentionMetadata, LayerSpec, ReferenceAttention
 from test_generate import assert_same, random_prompts
 
 
@@ -24,13 +24,14 @@ def fake_module():
         yield
 
 
-def make_backends(heads, kv_heads, head_dim, block_size, num_blocks, graph_sizes=()):
+def make_backends(heads, kv_heads, head_dim, block_size, num_blocks, graph_sizes=(), specs=None):
+    """The FlashInfer backend (on the stand-in) and the reference one; by default every layer attends plainly."""
     from nanoserve.flashinfer_attention import FlashInferAttention
     config = SimpleNamespace(block_size=block_size, max_model_len=num_blocks * block_size,
                              cudagraph_capture_sizes=list(graph_sizes))
-    scale = head_dim ** -0.5
-    fast = FlashInferAttention(heads, kv_heads, head_dim, scale, torch.float32, torch.device("cpu"), config)
-    return fast, ReferenceAttention(heads, kv_heads, head_dim, scale)
+    specs = specs or [LayerSpec(head_dim ** -0.5)] * 2
+    fast = FlashInferAttention(heads, kv_heads, head_dim, specs, torch.float32, torch.device("cpu"), config)
+    return fast, ReferenceAttention(heads, kv_heads, head_dim, specs)
 
 
 def random_step(rng, num_seqs, block_size, num_blocks, decode_only):
@@ -51,15 +52,18 @@ def random_step(rng, num_seqs, block_size, num_blocks, decode_only):
 
 @settings(deadline=None, max_examples=40)
 @given(seed=st.integers(0, 2**16), num_seqs=st.integers(1, 5), block_size=st.sampled_from([1, 4, 16]),
-       group=st.sampled_from([1, 4, 8]), decode_only=st.booleans(), pad=st.integers(0, 3))
-def test_layout_gives_reference_attention(seed, num_seqs, block_size, group, decode_only, pad):
+       group=st.sampled_from([1, 4, 8]), decode_only=st.booleans(), pad=st.integers(0, 3),
+       window=st.sampled_from([None, 1, 3, 9]), softcap=st.sampled_from([None, 2.0]))
+def test_layout_gives_reference_attention(seed, num_seqs, block_size, group, decode_only, pad, window, softcap):
     """Random ragged batches: outputs and written caches equal the reference; with a graph size, the padded
-    rows only touch the dummy page."""
+    rows only touch the dummy page. Layer 0 may have a sliding window, layer 1 soft-capped scores and another
+    scale (Gemma's mix), each planned on its own wrappers."""
     rng, kv_heads, head_dim, layers = random.Random(seed), 2, 8, 2
     num_blocks = num_seqs * 6 + 2  # a sequence holds at most 6 * block_size tokens
     graph_size = num_seqs + pad if decode_only else None
+    specs = [LayerSpec(head_dim ** -0.5, sliding_window=window), LayerSpec(0.5, logit_softcap=softcap)]
     fast, ref = make_backends(kv_heads * group, kv_heads, head_dim, block_size, num_blocks,
-                              [graph_size] if graph_size else [])
+                              [graph_size] if graph_size else [], specs)
     meta = random_step(rng, num_seqs, block_size, num_blocks, decode_only)
     torch.manual_seed(seed)
     cache = torch.randn(layers, 2, num_blocks + 1, block_size, kv_heads, head_dim)
@@ -110,3 +114,15 @@ def test_model_on_flashinfer_backend_matches_transformers(qwen3_dir):
         outputs.update((o.request_id, o) for o in llm.engine.step() if o.finished)
     assert len(fake_flashinfer.plans) == steps
     assert_same(qwen3_dir, prompts, [outputs[str(i)] for i in range(len(prompts))], max_tokens=15)
+
+
+def test_sliding_and_softcapped_model_on_flashinfer_backend(tiny_model_factory):
+    """Gemma 2 (sliding and global layers, soft-capping) through the backend: transformers' greedy output, and one
+    plan() per kind of layer per step."""
+    model_dir = tiny_model_factory("gemma2")
+    llm = LLM(model_dir, block_size=4, attention_backend="flashinfer", max_num_batched_tokens=16)
+    prompts = random_prompts(llm.get_tokenizer(), 4, seed=10, max_len=30)
+    fake_flashinfer.plans.clear()
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    assert len(fake_flashinfer.plans) % 2 == 0 and {p.window_left for p in fake_flashinfer.plans} == {7, -1}
+    assert_same(model_dir, prompts, outputs, max_tokens=12)

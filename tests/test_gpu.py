@@ -32,9 +32,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
-from conftest import ARCHS, build_tokenizer, hf_greedy, top2_gap
+from conftest import ARCHS, FAMILIES, build_tokenizer, hf_greedy, top2_gap
 from nanoserve import LLM, SamplingParams
-from nanoserve.attention import AttentionMetadata, ReferenceAttention
+from nanoserve.attention import AttentionMetadata, LayerSpec, ReferenceAttention
 from nanoserve.flashinfer_attention import FlashInferAttention  # imports flashinfer only when instantiated
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -122,7 +122,7 @@ class ExactAttention:
 
     def __init__(self, kv_cache: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int):
         self.kv_cache = kv_cache.detach().cpu().double()
-        self.backend = ReferenceAttention(num_heads, num_kv_heads, head_dim, head_dim ** -0.5)
+        self.backend = ReferenceAttention(num_heads, num_kv_heads, head_dim, _plain_specs(head_dim))
         self.backend.bind(self.kv_cache)
 
     def step(self, meta: AttentionMetadata, q, k, v, layer: int) -> torch.Tensor:
@@ -151,7 +151,11 @@ def _assert_attention_close(got: torch.Tensor, exact: torch.Tensor, meta: Attent
 def _flashinfer_backend(num_heads, num_kv_heads, head_dim, block_size, capture_sizes=(), max_model_len=4096):
     config = SimpleNamespace(block_size=block_size, max_model_len=max_model_len,
                              cudagraph_capture_sizes=list(capture_sizes))
-    return FlashInferAttention(num_heads, num_kv_heads, head_dim, head_dim ** -0.5, BF16, CUDA, config)
+    return FlashInferAttention(num_heads, num_kv_heads, head_dim, _plain_specs(head_dim), BF16, CUDA, config)
+
+
+def _plain_specs(head_dim: int, num_layers: int = 64) -> list[LayerSpec]:
+    return [LayerSpec(head_dim ** -0.5)] * num_layers
 
 
 def _random_bf16(shape, generator, scale: float = 1.0) -> torch.Tensor:
@@ -227,7 +231,8 @@ def test_flashinfer_matches_reference(flashinfer, case: AttentionCase):
         k, v = (_random_bf16((tokens, num_kv_heads, head_dim), gen) for _ in range(2))
         backend.prepare(meta)
         decode = all(n == 1 for n in num_new)
-        assert backend.wrapper is (backend.decode_wrapper if decode else backend.prefill_wrapper)
+        prefill_wrapper, decode_wrapper, _ = backend.wrappers[0]
+        assert backend.active[0] is (decode_wrapper if decode else prefill_wrapper)
         out = backend.forward(q, k, v, case.layer)
         torch.cuda.synchronize()
         assert out.dtype == BF16
@@ -294,7 +299,7 @@ def test_cuda_graph_replay_after_replanning(flashinfer, num_heads, num_kv_heads,
 
         eager.bind(before.clone())
         eager.prepare(meta)
-        assert eager.wrapper is eager.decode_wrapper
+        assert eager.active[0] is eager.wrappers[0][1]
         want = eager.forward(q, k, v, layer)
         exact = ExactAttention(before, num_heads, num_kv_heads, head_dim).step(meta, q, k, v, layer)
         what = f"graph {size}, {num_rows} real rows, seq_lens {meta.seq_lens}"
@@ -397,7 +402,7 @@ def _first_mismatch(got: list[int], want: list[int]) -> int | None:
     return next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + list(FAMILIES))  # every family, MoE included
 def test_float32_gpu_matches_cpu_and_transformers(arch, tiny_model_factory):
     """In float32 on the GPU (the torch reference attention, as FlashInfer has no fp32 kernels; torch.compile on,
     the GPU default; no graphs) greedy output equals the CPU engine's and transformers', token for token, for every

@@ -1,8 +1,16 @@
-"""The decoder-only transformer behind Llama, Mistral-style, SmolLM2, Qwen2 and Qwen3 checkpoints.
+"""The decoder-only transformer behind Llama, Mistral, SmolLM2, Qwen2/3, Gemma 2/3, Phi-3 and their MoE kin.
 
-One module covers them all through the Hugging Face config: Qwen2 adds a bias to the q/k/v projections, Qwen3
-normalizes each head of q and k before RoPE. The layers mirror transformers' numerics (float32 RMSNorm, RoPE
-from transformers' own frequency tables) so greedy output matches it token for token.
+One module covers them all through the Hugging Face config, each family a small delta:
+- Qwen2: a bias on the q/k/v projections. Qwen3 and Gemma 3: each head of q and k normalized before RoPE.
+- Mistral, Phi-3: a sliding attention window; Gemma 2/3: sliding and global layers alternate (`layer_types`),
+  and Gemma 3 gives each kind its own RoPE base. The windows are the attention backend's job (`attention_specs`).
+- Gemma: RMSNorm scales by (1 + w), the embedding by sqrt(hidden), a norm after attention and around the MLP,
+  GeGLU, the softmax scale from `query_pre_attn_scalar`; Gemma 2 soft-caps attention scores and final logits.
+- Phi-3: q/k/v and gate/up come fused in the checkpoint; "longrope" RoPE takes its long factors once a sequence
+  outgrows the original context (`rope_table_offset`).
+- Mixtral, Qwen2-MoE, Qwen3-MoE: the MLP is a sparse mixture of experts (moe.py).
+The layers mirror transformers' numerics (float32 RMSNorm, RoPE from transformers' own frequency tables) so
+greedy output matches it token for token.
 
 Input: a flat batch of tokens from many sequences (`input_ids`, `positions`); attention goes through the
 `paged_attention` op, whose backend already holds the KV cache and this step's metadata. So the forward takes
@@ -14,17 +22,43 @@ from torch import nn
 import torch.nn.functional as F
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from ..attention import attend
+from ..attention import LayerSpec, attend
 from ..linear import Linear, MergedLinear
+from .moe import SparseMoeBlock
+
+GEMMA = ("gemma2", "gemma3_text")
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def layer_types(config) -> list[str]:
+    """"sliding_attention" or "full_attention" for each layer, as transformers reads the config."""
+    if getattr(config, "layer_types", None):
+        return list(config.layer_types)
+    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    return ["sliding_attention" if sliding else "full_attention"] * config.num_hidden_layers
+
+
+def attention_specs(config) -> list[LayerSpec]:
+    """How each layer attends: what the runner hands the attention backend."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    scale = (getattr(config, "query_pre_attn_scalar", None) or head_dim) ** -0.5
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    return [LayerSpec(scale, config.sliding_window if kind == "sliding_attention" else None, softcap)
+            for kind in layer_types(config)]
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x / rms(x) * w; Gemma's variant (`unit_offset`) scales by 1 + w, in float32 before casting back."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+        self.eps, self.unit_offset = eps, unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.unit_offset:
+            out = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+            return (out * (1.0 + self.weight.float())).to(x.dtype)
         if x.dtype == torch.float32:  # one fused op (the CPU path), the same arithmetic as below
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
@@ -34,24 +68,39 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """cos/sin tables for every position up to max_model_len, computed once as transformers computes them."""
+    """cos/sin tables for every position up to max_model_len, computed once as transformers computes them.
+    For "longrope" (Phi-3) the table is twice as long: the short factors' rows, then the long factors' rows, which
+    transformers uses for a sequence longer than the original context; the runner adds the offset to such a
+    sequence's positions (`rope_table_offset`)."""
 
-    def __init__(self, config, max_len: int):
+    def __init__(self, config, max_len: int, layer_type: str | None = None):
         super().__init__()
-        rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-        if rope_type in ("dynamic", "longrope"):
-            raise ValueError(f"RoPE scaling type {rope_type!r} is not supported")
-        if rope_type == "default":
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-            base = config.rope_parameters["rope_theta"]
-            inv_freq, scaling = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
-        else:
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
-        inv_freq = inv_freq.float().to(torch.get_default_device())  # transformers builds it on the CPU
-        freqs = torch.arange(max_len, dtype=torch.float)[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
+        params = config.rope_parameters[layer_type] if layer_type else config.rope_parameters
+        rope_type = params.get("rope_type", "default")
+        if rope_type == "dynamic":
+            raise ValueError("RoPE scaling type 'dynamic' is not supported")
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"RoPE on part of each head (partial_rotary_factor {params['partial_rotary_factor']}) "
+                             "is not supported")
+        freqs = [self._inv_freq(config, params, layer_type)]
+        self.long_after = params.get("original_max_position_embeddings") if rope_type == "longrope" else None
+        if self.long_after:
+            freqs.append(ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", seq_len=self.long_after + 1)[0])
+        scaling = self._inv_freq(config, params, layer_type, scaling=True)
+        positions = torch.arange(max_len, dtype=torch.float)[:, None]
+        emb = torch.cat([torch.cat((positions * f.float(), positions * f.float()), dim=-1) for f in freqs])
+        emb = emb.to(torch.get_default_device())  # transformers builds the frequencies on the CPU
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+
+    @staticmethod
+    def _inv_freq(config, params, layer_type, scaling=False):
+        if params.get("rope_type", "default") == "default":
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            base = params["rope_theta"]
+            return 1.0 if scaling else 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        extra = {"layer_type": layer_type} if layer_type else {}
+        return ROPE_INIT_FUNCTIONS[params["rope_type"]](config, "cpu", **extra)[1 if scaling else 0]
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
         """cos and sin for the step's positions, [T, 1, head_dim]: looked up once, used by every layer."""
@@ -73,13 +122,14 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
+        bias = getattr(config, "attention_bias", False) or config.model_type in ("qwen2", "qwen2_moe")
         self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=bias)
         self.o_proj = Linear(q_size, config.hidden_size, bias=getattr(config, "attention_bias", False))
-        self.qk_norm = config.model_type == "qwen3"
+        self.qk_norm = config.model_type in ("qwen3", "qwen3_moe", "gemma3_text")
         if self.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            gemma = config.model_type in GEMMA
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=gemma)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=gemma)
         self.layer, self.backend_id = layer, backend_id
 
     def forward(self, x, rope):
@@ -96,25 +146,46 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, activation):
         super().__init__()
         self.gate_up_proj = MergedLinear(config.hidden_size, [config.intermediate_size] * 2, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.activation = activation
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.activation(gate) * up)
+
+
+def _is_sparse(config, layer: int) -> bool:
+    """Whether this layer's MLP is a mixture of experts (Qwen MoE may keep some layers dense)."""
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    return experts > 0 and layer not in (getattr(config, "mlp_only_layers", None) or []) and (layer + 1) % step == 0
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, config, layer: int, backend_id: int):
         super().__init__()
+        act_name = getattr(config, "hidden_activation", None) or config.hidden_act
+        if act_name not in ACTIVATIONS:
+            raise ValueError(f"Activation {act_name!r} is not supported (supported: {sorted(ACTIVATIONS)})")
+        activation = ACTIVATIONS[act_name]
         self.self_attn = Attention(config, layer, backend_id)
-        self.mlp = MLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SparseMoeBlock(config, activation) if _is_sparse(config, layer) else MLP(config, activation)
+        self.layer_type = layer_types(config)[layer]
+        gemma = config.model_type in GEMMA
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, gemma)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, gemma)
+        self.sandwich = gemma  # Gemma also norms each block's output: post_attention_layernorm is one of those
+        if gemma:
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, gemma)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, gemma)
 
     def forward(self, x, rope):
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), rope)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -125,8 +196,15 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i, backend_id) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = Rotary(config, max_model_len)
+        gemma = config.model_type in GEMMA
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, gemma)
+        self.embed_scale = config.hidden_size ** 0.5 if gemma else None
+        self.final_softcap = getattr(config, "final_logit_softcapping", None)
+        # Gemma 3 gives sliding and global layers their own RoPE; the others have one for all layers.
+        per_type = isinstance(config.rope_parameters, dict) and "full_attention" in config.rope_parameters
+        kinds = sorted(set(layer_types(config))) if per_type else [None]
+        self.rotary = nn.ModuleDict({kind or "all": Rotary(config, max_model_len, kind) for kind in kinds})
+        self.max_model_len = max_model_len
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -134,13 +212,24 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids, positions) -> torch.Tensor:
         """Hidden states [T, hidden] of every input token."""
         x = self.embed_tokens(input_ids)
-        rope = self.rotary(positions, x.dtype)
+        if self.embed_scale is not None:
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        ropes = {kind: rotary(positions, x.dtype) for kind, rotary in self.rotary.items()}
         for layer in self.layers:
-            x = layer(x, rope)
+            x = layer(x, ropes.get(layer.layer_type) or ropes["all"])
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        logits = self.lm_head(hidden)
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
+
+    def rope_table_offset(self, seq_len: int) -> int:
+        """Where a sequence of `seq_len` tokens finds its RoPE rows: past the short table once a longrope model's
+        sequence outgrows the original context, as transformers switches factors by the sequence's length."""
+        long_after = self.rotary["all"].long_after if "all" in self.rotary else None
+        return self.max_model_len if long_after and seq_len > long_after else 0
 
     # Checkpoint name fragment -> (our fused parameter, shard index); weights.py uses it.
     stacked_params = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
