@@ -7,7 +7,8 @@ transformers builds the same shape with `AutoModelForCausalLM.from_config`. No c
 
 Byte model (the floor of a memory-bound decode): a decode step reads every weight once, plus the whole K/V
 context of each sequence it decodes. The embedding table of an untied model is not read whole (a step gathers
-one row per token), so it is left out; a tied model's table is read whole, as the LM head.
+one row per token), so it is left out; a tied model's table is read whole, as the LM head. Of a mixture of
+experts only the top_k experts a token is routed to count (the batch-1 read: a lower bound for a batch).
 """
 import hashlib
 import json
@@ -34,6 +35,26 @@ SHAPES = {
                                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                             "original_max_position_embeddings": 8192},
         max_position_embeddings=131072, bos_token_id=128000, eos_token_id=[128001, 128008, 128009])),
+    # Mixtures of experts: the byte model counts the top_k experts a token is routed to (weight_bytes_per_step).
+    "mixtral-8x7b": ("MixtralConfig", dict(
+        architectures=["MixtralForCausalLM"], hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, intermediate_size=14336, vocab_size=32000, tie_word_embeddings=False,
+        num_local_experts=8, num_experts_per_tok=2, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, max_position_embeddings=32768,
+        sliding_window=None, bos_token_id=1, eos_token_id=2)),
+    "qwen3-30b-a3b": ("Qwen3MoeConfig", dict(
+        architectures=["Qwen3MoeForCausalLM"], hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936,
+        tie_word_embeddings=False, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        max_position_embeddings=40960, bos_token_id=151643, eos_token_id=151645)),
+    # A Qwen3-MoE small enough for the CPU line: bench/results/cpu-moe-tiny.json, under a minute per engine on 2 cores.
+    "tiny-moe": ("Qwen3MoeConfig", dict(
+        architectures=["Qwen3MoeForCausalLM"], hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=64, intermediate_size=1024, moe_intermediate_size=256, num_experts=32,
+        num_experts_per_tok=4, norm_topk_prob=True, vocab_size=8192, tie_word_embeddings=True, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, max_position_embeddings=4096,
+        bos_token_id=0, eos_token_id=1)),
     # A Qwen3-style model small enough for CPU smoke tests of every script.
     "tiny": ("Qwen3Config", dict(
         architectures=["Qwen3ForCausalLM"], hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -120,11 +141,17 @@ def environment() -> dict:
 
 def weight_bytes_per_step(model: torch.nn.Module, hf_config) -> int:
     """Bytes of weights a decode step reads: every parameter once (tied ones once), less an untied embedding
-    table, of which a step reads only one row per token."""
+    table, of which a step reads only one row per token. Of a mixture-of-experts block's stacked experts (`w13`,
+    `w2`) only top_k / num_experts count: the batch-1 read, one token routed to top_k experts. A batch's tokens
+    reach more distinct experts, so for a batch this is a lower bound."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     if not getattr(hf_config, "tie_word_embeddings", False):
         embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.embed_tokens
         total -= embed.weight.numel() * embed.weight.element_size()
+    for m in model.modules():
+        if hasattr(m, "top_k") and hasattr(m, "num_experts") and hasattr(m, "w13") and hasattr(m, "w2"):
+            experts = sum(p.numel() * p.element_size() for p in (m.w13, m.w2))
+            total -= experts - experts * m.top_k // m.num_experts
     return total
 
 

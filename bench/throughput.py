@@ -16,20 +16,26 @@ workloads (same requests, same fingerprint).
 
 Two ways to name the model:
 - `--model DIR` (default: the embedded SmolLM2-135M): real weights and tokenizer;
-- `--shape {qwen3-0.6b,llama-3.1-8b,tiny}`: a config.json only, random weights (nanoserve `load_format="dummy"`,
-  transformers `from_config`), token ids only. With a shape the defaults are the offline protocol: 256 requests,
-  input and output lengths in [100, 1024], temperature 0.6, max_num_seqs 256.
+- `--shape {qwen3-0.6b,llama-3.1-8b,mixtral-8x7b,qwen3-30b-a3b,tiny,tiny-moe}`: a config.json only, random
+  weights (nanoserve `load_format="dummy"`, transformers `from_config`), token ids only. With a shape the defaults
+  are the offline protocol: 256 requests, input and output lengths in [100, 1024], temperature 0.6,
+  max_num_seqs 256.
 
 Next to nanoserve's rate it prints the byte model of the run: each step with decodes reads all weights once
 (steps counted in the engine) and each decode reads its sequence's whole K/V context (summed exactly from the
-workload), over the device-to-device copy bandwidth measured in the same process: the memory-bound floor.
+workload), over the device-to-device copy bandwidth measured in the same process: the memory-bound floor. Of a
+mixture of experts a step counts only the top_k experts one token is routed to (the batch-1 read), so for a batch
+the floor is a lower bound. `--dry-run` prints the weight bytes of one step and stops: the model is built on the
+meta device (no memory, no weights), so it works for shapes far larger than the machine.
 
     python bench/throughput.py                                   # embedded SmolLM2-135M, CPU
     python bench/throughput.py --shape qwen3-0.6b --hf-num-requests 32 --json qwen.json     # GPU
     python bench/throughput.py --shape tiny --device cpu --num-requests 8 --min-input 8 --max-input 32 \\
         --min-output 8 --max-output 32                           # CPU smoke test of every path
+    python bench/throughput.py --shape mixtral-8x7b --dry-run    # weight bytes per decode step, nothing run
 """
 import argparse
+import contextlib
 import gc
 import random
 import time
@@ -87,9 +93,10 @@ def row(engine: str, work: Workload, seconds: float, output_tokens: int, **extra
 # nanoserve
 # ---------------------------------------------------------------------------------------------------------------
 
-def build_nanoserve(args, model_dir):
+def build_nanoserve(args, model_dir, tensor_parallel_size: int = 1):
     from nanoserve import LLM
     kwargs = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                  tensor_parallel_size=tensor_parallel_size,
                   device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
                   gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=args.prefix_caching)
     if args.shape:
@@ -104,23 +111,63 @@ def run_nanoserve(args, llm, work: Workload, bandwidth: dict | None) -> dict:
     params = [SamplingParams(temperature=args.temperature, max_tokens=n, ignore_eos=True) for n in work.output_lens]
     preempted = llm.engine.scheduler.num_preemptions
     counter = StepCounter(llm.engine)
+    tp = llm.engine.runner.tp.size
     sync(args.device)
-    start = time.perf_counter()
-    outputs = llm.generate(work.prompts, params, use_tqdm=not args.quiet)
-    sync(args.device)
-    seconds = time.perf_counter() - start
+    with CommunicationTimer() if tp > 1 else contextlib.nullcontext() as comm:
+        start = time.perf_counter()
+        outputs = llm.generate(work.prompts, params, use_tqdm=not args.quiet)
+        sync(args.device)
+        seconds = time.perf_counter() - start
     counts = counter.close()
     lengths = [len(o.outputs[0].token_ids) for o in outputs]
     extra = dict(counts, preemptions=llm.engine.scheduler.num_preemptions - preempted,
-                 complete=lengths == work.output_lens)
+                 complete=lengths == work.output_lens, tensor_parallel_size=tp)
+    if comm is not None:
+        extra.update(comm.summary(counts["steps"]))
     extra.update(byte_model(llm, work, counts, seconds, bandwidth))
-    return row("nanoserve", work, seconds, sum(lengths), **extra)
+    return row("nanoserve" if tp == 1 else f"nanoserve-tp{tp}", work, seconds, sum(lengths), **extra)
+
+
+class CommunicationTimer:
+    """Rank 0's time inside torch.distributed calls (the step broadcast, all-reduces, the logits gather): what
+    tensor parallelism adds to a step, waiting for the slower rank included. The workers are other processes
+    and are not patched."""
+    CALLS = ("broadcast_object_list", "all_reduce", "all_gather")
+
+    def __enter__(self):
+        import torch.distributed as dist
+        self.seconds, self.calls, self.saved = {}, {}, {name: getattr(dist, name) for name in self.CALLS}
+        for name, fn in self.saved.items():
+            setattr(dist, name, self._timed(name, fn))
+        return self
+
+    def _timed(self, name, fn):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+                self.calls[name] = self.calls.get(name, 0) + 1
+        return call
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+        for name, fn in self.saved.items():
+            setattr(dist, name, fn)
+
+    def summary(self, steps: int) -> dict:
+        total = sum(self.seconds.values())
+        return {"comm_s": total, "comm_ms_per_step": 1e3 * total / max(steps, 1),
+                "comm_calls_per_step": sum(self.calls.values()) / max(steps, 1),
+                **{f"comm_{name}_s": t for name, t in self.seconds.items()}}
 
 
 def byte_model(llm, work: Workload, counts: dict, seconds: float, bandwidth: dict | None) -> dict:
     """Bytes the run must move: weights once per step that decodes, plus each decode's whole K/V context."""
     runner = llm.engine.runner
-    weights = weight_bytes_per_step(runner.model, runner.hf_config)
+    # Rank 0's share times the ranks: the whole model (under TP the norms, copied on every rank, count N times).
+    weights = weight_bytes_per_step(runner.model, runner.hf_config) * runner.tp.size
     per_token = kv_bytes_per_token(runner.hf_config, runner.dtype)
     context = decode_context_tokens(work.input_lens, work.output_lens)
     total = weights * counts["decode_steps"] + per_token * context
@@ -130,6 +177,35 @@ def byte_model(llm, work: Workload, counts: dict, seconds: float, bandwidth: dic
         floor = total / bandwidth["bytes_per_s"]
         model.update(floor_s=floor, bandwidth_fraction=floor / seconds)
     return model
+
+
+def dry_run(args, model_dir) -> None:
+    """The byte model's weights per decode step of nanoserve's model, built with its parameters on the meta device
+    (no memory used, nothing initialized; buffers such as RoPE tables stay on the CPU), in the dtype asked for
+    (auto: bfloat16, as on a GPU)."""
+    from transformers import AutoConfig
+    from nanoserve.models import model_class
+    hf = AutoConfig.from_pretrained(model_dir)
+    dtype = torch.bfloat16 if args.dtype == "auto" else getattr(torch, args.dtype)
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):  # the CPU tensor a module allocates is dropped before anything fills it
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    previous, torch.nn.Module.register_parameter = torch.get_default_dtype(), on_meta
+    torch.set_default_dtype(dtype)
+    try:
+        model = model_class(hf)(hf, 0, args.max_model_len or 4096)
+    finally:
+        torch.nn.Module.register_parameter = register
+        torch.set_default_dtype(previous)
+    params = sum(p.numel() for p in model.parameters())
+    weights = weight_bytes_per_step(model, hf)
+    print(f"{args.shape or args.model}: {params / 1e9:.3g}B parameters, {dtype}; weights read per decode step "
+          f"(batch 1): {weights / 1e9:.3g} GB ({weights / dtype.itemsize / 1e9:.3g}B parameters); "
+          f"K/V {kv_bytes_per_token(hf, dtype):,} bytes per token")
 
 
 def warm_up_nanoserve(args, llm, work: Workload) -> None:
@@ -275,6 +351,9 @@ def parse_args():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the result rows to this file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--tensor-parallel-size", default="1",
+                        help="nanoserve's tensor_parallel_size; a list such as 1,2 runs one engine per size")
+    parser.add_argument("--dry-run", action="store_true", help="print the weight bytes of one decode step and stop")
     args = parser.parse_args()
     defaults = PROTOCOL if args.shape else MODEL_DEFAULTS
     if args.output_len is not None:
@@ -299,6 +378,8 @@ def main():
         from nanoserve.default_model import resolve_model
         model_dir = resolve_model(args.model)
     args.model = model_dir
+    if args.dry_run:
+        return dry_run(args, model_dir)
     from transformers import AutoConfig
     work = Workload.random(args, AutoConfig.from_pretrained(model_dir).vocab_size)
     small = work.head(args.hf_num_requests) if args.hf_num_requests and args.hf_num_requests < len(work) else work
@@ -308,13 +389,15 @@ def main():
     if bandwidth:
         rows.append(bandwidth)
         print(f"copy bandwidth (read + write): {bandwidth['bytes_per_s'] / 1e9:.0f} GB/s", flush=True)
-    if "nanoserve" in peers:
-        llm, startup = build_nanoserve(args, model_dir)
+    for tp in ([int(n) for n in args.tensor_parallel_size.split(",")] if "nanoserve" in peers else []):
+        llm, startup = build_nanoserve(args, model_dir, tp)
         warm_up_nanoserve(args, llm, work)
         for w in [work] + ([small] if small is not work else []):
             rows.append(run_nanoserve(args, llm, w, bandwidth) | {"startup_s": round(startup, 1)})
-            print(f"nanoserve, {len(w)} requests: {rows[-1]['output_tokens_per_s']:.0f} output tok/s", flush=True)
+            print(f"{rows[-1]['engine']}, {len(w)} requests: {rows[-1]['output_tokens_per_s']:.0f} output tok/s",
+                  flush=True)
         del llm
+        gc.collect()  # ends a tensor-parallel engine's workers before the next engine starts
         free_device_memory(args.device)
     torch.set_num_threads(threads)  # nanoserve's CPU path leaves torch one thread; transformers gets its default
     for name, run in [("hf-generate-batch", run_hf_generate_batch), ("hf-generate", run_hf_generate)]:
@@ -340,7 +423,8 @@ def print_tables(args, rows: list[dict]) -> None:
     model_rows = [r for r in offline if "bytes_model" in r]
     bandwidth = next((r for r in rows if r["kind"] == "bandwidth"), None)
     if model_rows:
-        print("\nByte model: every step that decodes reads all weights once (steps counted in the engine); each "
+        print("\nByte model: every step that decodes reads all weights once (steps counted in the engine; of a "
+              "mixture of experts only the top_k experts of one token, so for a batch a lower bound); each "
               "decode reads its sequence's whole K/V context (summed from the workload). Floor = bytes / measured "
               "copy bandwidth" + (f" ({bandwidth['bytes_per_s'] / 1e9:.0f} GB/s, read + write, "
                                   f"{bandwidth['device']})." if bandwidth else " (not measured)."))
@@ -352,6 +436,17 @@ def print_tables(args, rows: list[dict]) -> None:
                       f"{100 * r['bandwidth_fraction']:.0f}%" if "bandwidth_fraction" in r else "-",
                       "ok" if r["decode_context_tokens"] == r["workload_decode_context_tokens"] else
                       f"engine {r['decode_context_tokens']:,}"] for r in model_rows])
+    tp_rows = [r for r in offline if r.get("tensor_parallel_size", 1) > 1]
+    if tp_rows:
+        single = {r["workload"]: r for r in offline if r["engine"] == "nanoserve"}
+        print("\nTensor parallelism: rank 0's time in torch.distributed calls (step broadcast, all-reduces, logits "
+              "gather), waiting for the other ranks included; overhead = seconds against the TP=1 row.")
+        print_table(["engine", "steps", "calls per step", "comm ms per step", "comm s", "seconds", "TP=1 seconds",
+                     "overhead"],
+                    [[r["engine"], r["steps"], r["comm_calls_per_step"], r["comm_ms_per_step"], r["comm_s"],
+                      r["seconds"], single[r["workload"]]["seconds"] if r["workload"] in single else "-",
+                      f"{r['seconds'] / single[r['workload']]['seconds']:.2f}x" if r["workload"] in single else "-"]
+                     for r in tp_rows])
     bad = [f"{r['engine']} ({r['requests']} requests)" for r in offline if not r.get("complete", True)]
     if bad:
         print(f"WARNING: outputs shorter than requested: {', '.join(bad)}")

@@ -10,7 +10,8 @@ which frees its KV blocks before the next step.
 Faults: a bad add or abort fails only its caller; a request the engine fails (finish_reason "error") fails only
 its stream; a step that raises outside the engine's own isolation fails the requests in flight and the loop goes
 on. The loop gives up (`is_alive` False, `on_fatal` called, so the server exits and an orchestrator restarts it)
-only when it cannot recover: cleaning up after a failure fails too, or the device fails every step in a row.
+only when it cannot recover: cleaning up after a failure fails too, the device fails every step in a row, or the
+engine says it is dead (`EngineDeadError`: a tensor-parallel worker died).
 """
 import asyncio
 import contextlib
@@ -20,6 +21,7 @@ import time
 from concurrent.futures import Future
 
 from .engine import LLMEngine, RequestOutput
+from .parallel import EngineDeadError
 
 logger = logging.getLogger("nanoserve")
 # A device that fails this many steps in a row (a CUDA error is sticky) will not recover: give up and be restarted.
@@ -90,6 +92,11 @@ class AsyncLLMEngine:
     def is_ready(self) -> bool:
         """Alive and taking new requests (not shutting down): what /health reports."""
         return self.is_alive and not self.draining
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests added and not finished: how data_parallel.py balances replicas."""
+        return len(self._streams)
 
     async def generate(self, prompt, params, request_id: str, lora_request=None) -> RequestStream:
         """Add a request and return the stream of its outputs. A bad prompt or parameter raises here
@@ -183,6 +190,8 @@ class AsyncLLMEngine:
         start = time.monotonic()
         try:
             outputs = self.engine.step()
+        except EngineDeadError:
+            raise  # _run gives up: /health turns 503
         except Exception:  # outside the engine's own fault isolation: fail what is in flight, keep serving
             logger.exception("Engine step failed; failing %d requests", len(self._streams))
             for request_id in self._fail_streams(RequestFailed("The engine failed while processing this request")):

@@ -83,7 +83,8 @@ def build_parser(command: str) -> Parser:
                              ("--device", str, "cpu, cuda, cuda:N, or auto: cuda if available"),
                              ("--seed", int, "random seed"),
                              ("--max-n-sequences", int, "largest n (parallel samples) a request may ask for"),
-                             ("--tensor-parallel-size", int, "number of GPUs (only 1 is supported)")]:
+                             ("--tensor-parallel-size", int, "processes (GPUs) that each hold 1/N of the model"),
+                             ("--data-parallel-size", int, "engine replicas behind the server (serve only)")]:
         name = flag[2:].replace("-", "_")
         default = DEFAULTS.get(name, 1)
         e.add_argument(flag, type=kind, metavar={int: "N", float: "X", str: "NAME"}[kind],
@@ -114,6 +115,8 @@ def build_parser(command: str) -> Parser:
     e.add_argument("--override-generation-config", type=json.loads, metavar="JSON", help="sampling defaults on top "
                    "of --generation-config, e.g. '{\"temperature\": 0, \"max_new_tokens\": 512}' (max_new_tokens: "
                    "the default max_tokens of a request that sets none)")
+    e.add_argument("--trace", dest="trace_path", metavar="FILE", help="write a step timeline of the engine to FILE "
+                   "(Chrome trace JSON: open it at ui.perfetto.dev)")
     e.add_argument("--chat-template", metavar="TEMPLATE",
                    help="chat template file or inline Jinja (default: the tokenizer's)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -143,14 +146,21 @@ def serve(args) -> int:
     import uvicorn
 
     from .async_engine import AsyncLLMEngine
+    from .data_parallel import DataParallelEngine, RemoteEngine
     from .engine import LLMEngine
     from .server import Server, build_app
 
     start = time.monotonic()
     config = engine_config(args)
+    if args.data_parallel_size is not None and args.data_parallel_size < 1:
+        raise ValueError("--data-parallel-size must be at least 1")
     sock = _bind(args.host, args.port)  # before loading the model: a busy port fails fast
     logger.info("Loading %s", config.model or DEFAULT_MODEL_NAME)
-    engine = AsyncLLMEngine(_customized(LLMEngine(config), args), on_fatal=lambda: setattr(server, "should_exit", True))
+    stop = lambda: setattr(server, "should_exit", True)  # noqa: E731 (the engine loop died: exit, to be restarted)
+    replicas = [RemoteEngine(config, i, on_fatal=stop) for i in range(1, args.data_parallel_size or 1)]
+    engine = AsyncLLMEngine(_customized(LLMEngine(config), args), on_fatal=stop)
+    if replicas:  # data parallelism: the others load side by side with this one, then take requests too
+        engine = DataParallelEngine([engine] + [r.wait_ready(engine.engine.generation_config) for r in replicas])
     name = config.served_model_name
     app = build_app(engine, name, api_key=args.api_key, limits=Limits(max_body_bytes=args.max_request_body_bytes),
                     trust_request_chat_template=args.trust_request_chat_template,
@@ -161,6 +171,8 @@ def serve(args) -> int:
         asyncio.run(_run_until_stopped(server, sock, name, start))
     finally:
         engine.shutdown()
+        if engine.engine.tracer is not None:  # the engine thread has stopped: end the trace file
+            engine.engine.tracer.close()
     if engine.error is not None:
         logger.error("Exiting because the engine loop died: %r", engine.error)
         return 1
@@ -232,6 +244,7 @@ def generate(args) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
     for out in llm.generate(prompts, params, use_tqdm=len(prompts) > 1):
         print(out.outputs[0].text, flush=True)
+    llm.close()
     return 0
 
 
@@ -260,12 +273,10 @@ def engine_config(args) -> EngineConfig:
     model = args.model
     if model and model.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(model)):
         raise FileNotFoundError(f"Model directory {model!r} does not exist")
-    if (args.tensor_parallel_size or 1) != 1:
-        raise ValueError("Only --tensor-parallel-size 1 is supported")
     names = ["tokenizer", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "dtype",
              "device", "seed", "gpu_memory_utilization", "enable_prefix_caching", "speculative_config",
              "compilation_config", "attention_backend", "load_format", "max_n_sequences", "runner", "pooler_config",
-             "quantization", "max_loras", "max_lora_rank"]
+             "quantization", "max_loras", "max_lora_rank", "trace_path", "tensor_parallel_size"]
     kwargs = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     served = getattr(args, "served_model_name", None) or model or DEFAULT_MODEL_NAME
     return EngineConfig(model=model, enforce_eager=args.enforce_eager, served_model_name=served,

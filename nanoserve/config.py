@@ -4,6 +4,7 @@
 Settings that depend on the model (the context length) are resolved by `resolve_for_model` once the
 model's `config.json` has been read.
 """
+import os
 from dataclasses import dataclass, fields
 
 
@@ -43,10 +44,12 @@ class EngineConfig:
     enable_lora: bool = False  # LoRA adapters per request (lora.py)
     max_loras: int = 1  # adapters loaded at once (slots)
     max_lora_rank: int = 16
+    tensor_parallel_size: int = 1  # processes that each hold 1/N of every layer (parallel.py)
+    trace_path: str | None = None  # write a step timeline here (trace.py: Chrome trace JSON, for ui.perfetto.dev)
 
     def __post_init__(self):
         positive = ["max_num_seqs", "max_num_batched_tokens", "block_size", "max_n_sequences", "max_loras",
-                    "max_lora_rank"]
+                    "max_lora_rank", "tensor_parallel_size"]
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -67,6 +70,8 @@ class EngineConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         self.compilation_config = self._check_compilation_config(dict(self.compilation_config or {}))
+        if self.trace_path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(self.trace_path))):
+            raise ValueError(f"trace_path {self.trace_path!r}: its directory does not exist")  # fail before loading
 
     def _check_compilation_config(self, cc: dict) -> dict:
         unknown = set(cc) - {"mode", "cudagraph_mode", "cudagraph_capture_sizes"}

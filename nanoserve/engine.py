@@ -21,9 +21,11 @@ from .config import EngineConfig
 from .default_model import resolve_model
 from .beam_search import BeamGroup, BeamSearchParams
 from .pooling import PoolingParams, PoolingRequestOutput, EmbeddingOutput
+from .parallel import EngineDeadError
 from .runner import ModelRunner
 from .sampling import ParamError, SamplingParams
 from .scheduler import DraftModelProposer, NgramProposer, Scheduler, Sequence
+from .trace import StepTracer
 
 logger = logging.getLogger("nanoserve")
 
@@ -135,6 +137,7 @@ class LLMEngine:
         self.num_prompt_tokens = self.num_generation_tokens = 0
         self.num_failed_steps = 0  # consecutive; the server gives up on a device that fails every step
         self.lora_names: dict[int, str] = {}  # LoRA adapter id -> name, for the metrics
+        self.tracer = StepTracer(config.trace_path, self) if config.trace_path else None  # trace.py
 
     def _make_proposer(self):
         spec = self.config.speculative_config
@@ -145,7 +148,7 @@ class LLMEngine:
             return NgramProposer(k, spec["prompt_lookup_min"], spec["prompt_lookup_max"])
         # The draft's cache gets the target's block count: the two share block tables (see DraftModelProposer).
         draft_config = replace(self.config, model=spec["model"], tokenizer=None, speculative_config=None,
-                               num_gpu_blocks_override=self.runner.num_blocks)
+                               num_gpu_blocks_override=self.runner.num_blocks, tensor_parallel_size=1)
         runner = ModelRunner(draft_config, resolve_model(spec["model"]), self.eos_token_ids)
         if runner.hf_config.vocab_size != self.vocab_size:
             raise ValueError(f"The draft model's vocabulary ({runner.hf_config.vocab_size}) differs from the "
@@ -307,6 +310,12 @@ class LLMEngine:
         return bool(self.requests)
 
     def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """One scheduling + forward + sampling round: see `_step`."""
+        if self.tracer is not None:  # the step timeline (trace.py) runs the same step, timed and recorded
+            return self.tracer.step(self._step, final_only)
+        return self._step(final_only)
+
+    def _step(self, final_only: bool) -> list[RequestOutput]:
         """One scheduling + forward + sampling round. Returns an output for every request that advanced, or with
         `final_only` (the offline API) only for those that finished: building the others' outputs every step
         copies every sequence's tokens, a cost that grows with the batch and the output length.
@@ -320,6 +329,8 @@ class LLMEngine:
         try:
             result = self.runner.execute(batch)
             self.scheduler.update(batch, result.tokens)
+        except EngineDeadError:  # not a fault of these requests: nothing more can run (the server exits)
+            raise
         except Exception:
             self.num_failed_steps += 1
             owners = {}  # request id -> request, for every sequence in the failed batch

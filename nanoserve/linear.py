@@ -10,6 +10,9 @@ to OpenBLAS's threads.
 
 The models build their projections from `Linear` and `MergedLinear` (several projections fused into one matmul);
 weights.py fills them from the checkpoint. A quantized layer (quantization.py) runs its `kernel` instead.
+Under tensor parallelism (parallel.py) a layer holds a slice: `MergedLinear.shard_starts` says which rows of
+each checkpoint projection this rank keeps (column-parallel), and a row-parallel `Linear` (`row_parallel`) keeps
+a slice of the input columns and sums its partial output over the ranks.
 """
 import numpy as np
 import torch
@@ -21,11 +24,14 @@ class Linear(nn.Linear):
     blas = False  # set by use_blas: float32 on a CPU, eager
     kernel = None  # set by quantization.py: a callable that computes the layer from its quantized weights
     lora = None  # set by lora.py: adds the adapters' B · A · x for the tokens that use one
+    reduce = None  # set by row_parallel: the TensorParallel group whose partial outputs are summed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._base(x)
         if self.lora is not None and self.lora.manager.token_groups:
             out = self.lora.add(x, out)
+        if self.reduce is not None:
+            out = self.reduce.all_reduce(out)
         return out
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
@@ -43,9 +49,23 @@ class Linear(nn.Linear):
 class MergedLinear(Linear):
     """Several projections of the same input in one matmul; `shard_sizes` says where each one's rows are."""
 
-    def __init__(self, in_features: int, shard_sizes: list[int], bias: bool):
+    def __init__(self, in_features: int, shard_sizes: list[int], bias: bool, shard_starts: list[int] | None = None,
+                 checkpoint_sizes: list[int] | None = None):
         super().__init__(in_features, sum(shard_sizes), bias=bias)
         self.shard_sizes = shard_sizes
+        self.shard_starts = shard_starts or [0] * len(shard_sizes)  # this rank's first row of each projection
+        self.checkpoint_sizes = checkpoint_sizes or shard_sizes  # each projection's rows in the checkpoint
+
+
+def row_parallel(layer: Linear, tp) -> Linear:
+    """Make `layer` ([out, in / N] on this rank) row-parallel: it loads its slice of the input columns, and its
+    output is summed over the ranks; the bias is added once, by rank 0 (the others hold zeros)."""
+    if tp.size > 1:
+        layer.reduce = tp
+        layer.weight.shard = (1, tp.rank * layer.in_features)
+        if layer.bias is not None:
+            layer.bias.shard = "rank 0" if tp.rank == 0 else "zero"
+    return layer
 
 
 def use_blas(model: nn.Module) -> bool:

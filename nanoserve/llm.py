@@ -20,6 +20,11 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
         self._next_id = 0
 
+    def close(self) -> None:
+        """Finish the trace file (`trace_path`); garbage collection and interpreter exit also do it."""
+        if self.engine.tracer is not None:
+            self.engine.tracer.close()
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 

@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,8 @@ from .config import EngineConfig
 from .linear import use_blas
 from .models import attention_specs, model_class
 from .lora import LoRAManager
+from .parallel import (EngineDeadError, TensorParallel, check_parallel_support, check_workers, send_step,
+                       start_workers, stop_workers)
 from .pooling import Pooler
 from .quantization import OnTheFlyInt8, make_method, quantize_model, weight_bytes
 from .sampling import SampleRequest, SamplingParams, logprob_entries, logprob_entry, sample, target_probs
@@ -37,6 +40,21 @@ PROMPT_LOGITS_ROWS = 256  # prompt logprobs: logits rows at a time (256 x a 152k
 
 
 @dataclass
+class StepInputs:
+    """What one forward pass needs, as host lists: built from the `Batch` on rank 0, and under tensor parallelism
+    sent as is to the other ranks (parallel.py), which run the same pass on their shards."""
+    ids: list[int]
+    positions: list[int]  # RoPE table rows: the token positions, offset for a longrope model's long sequences
+    slots: list[int]  # KV cache slot of every new token
+    query_start: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]
+    logit_rows: list[int]  # the hidden rows that sample
+    prompt_rows: list[tuple[int, int]]  # hidden row ranges scored for prompt logprobs, in order
+    block_copies: list[tuple[int, int]]
+
+
+@dataclass
 class StepResult:
     """What one forward pass produced, per scheduled item (see `ModelRunner.execute`)."""
     tokens: list[list[int]]
@@ -46,19 +64,26 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_dir: str, eos_token_ids: set[int]):
+    def __init__(self, config: EngineConfig, model_dir: str, eos_token_ids: set[int], tp: TensorParallel = None):
         self.config, self.eos_token_ids = config, set(eos_token_ids)
         self.device, self.dtype = config.torch_device, config.torch_dtype
         self.hf_config = hf = AutoConfig.from_pretrained(model_dir)
         config.resolve_for_model(hf)
+        self.workers, self.sends_steps = [], False  # rank 0 of a tensor-parallel group: the other ranks' processes
+        if tp is None and config.tensor_parallel_size > 1:
+            check_parallel_support(config, hf)
+            self.workers = start_workers(config, model_dir, eos_token_ids)
+            weakref.finalize(self, stop_workers, self.workers)
+        self.tp = tp = tp or TensorParallel(0, config.tensor_parallel_size if self.workers else 1)
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        self.kv_shape = (hf.num_hidden_layers, 2, config.block_size, hf.num_key_value_heads, head_dim)  # per block
-        self.attention = self._make_attention(hf.num_attention_heads, hf.num_key_value_heads, head_dim,
-                                              attention_specs(hf))
+        num_heads = tp.split(hf.num_attention_heads, "number of attention heads")[1]
+        num_kv_heads = tp.kv_heads(hf.num_key_value_heads)[1]
+        self.kv_shape = (hf.num_hidden_layers, 2, config.block_size, num_kv_heads, head_dim)  # per block, this rank
+        self.attention = self._make_attention(num_heads, num_kv_heads, head_dim, attention_specs(hf))
         self.quant_method = make_method(config.quantization, hf)
         start = time.perf_counter()
         with torch.device(self.device), _default_dtype(self.dtype):
-            model = model_class(hf)(hf, register_backend(self.attention), config.max_model_len)
+            model = model_class(hf)(hf, register_backend(self.attention), config.max_model_len, tp)
         if config.load_format == "dummy":
             _dummy_weights(model)
         else:  # an embedding checkpoint has no lm_head: it is never used
@@ -74,7 +99,7 @@ class ModelRunner:
                     weight_bytes(model) / 2**30, quantized)
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.forward_model, self.graphs = self.model, None  # eager until the cache is sized (profiling runs)
-        self.num_blocks = self._num_kv_blocks()
+        self.num_blocks = tp.min(self._num_kv_blocks())
         layers, kv, *block_shape = self.kv_shape
         # One block more than the scheduler hands out: padded rows of a CUDA-graph batch write there.
         self.kv_cache = torch.zeros(layers, kv, self.num_blocks + 1, *block_shape, dtype=self.dtype,
@@ -94,6 +119,7 @@ class ModelRunner:
             self.graphs = CudaGraphs(self.forward_model, self.attention, config.cudagraph_capture_sizes)
         elif config.cudagraph_capture_sizes:
             logger.warning("CUDA graphs are off: the torch attention backend (float32) cannot be captured")
+        self.sends_steps = bool(self.workers)  # from now on the workers wait for steps (not during profiling)
 
     def _make_attention(self, num_heads: int, num_kv_heads: int, head_dim: int, specs: list):
         name = self.config.attention_backend
@@ -170,10 +196,19 @@ class ModelRunner:
     def execute(self, batch: Batch) -> StepResult:
         """One forward pass over the batch. Returns, per scheduled item, its new tokens (none for a prompt chunk,
         one for a decode, the kept drafts plus one under speculation), their logprob entries (or None), the
-        prompt logprob entries its chunk produced (None unless it asked for them), and its pooled vector."""
-        if batch.block_copies:  # copy-on-write of blocks shared by forked beams, before anything writes them
-            source, destination = zip(*batch.block_copies)
-            self.kv_cache[:, :, list(destination)] = self.kv_cache[:, :, list(source)]
+        prompt logprob entries its chunk produced (None unless it asked for them), and its pooled vector.
+        Under tensor parallelism a failed step is fatal: the ranks may be out of step after it."""
+        if not self.workers:
+            return self._execute(batch)
+        try:
+            return self._execute(batch)
+        except EngineDeadError:
+            raise
+        except Exception as e:
+            check_workers(self.workers)
+            raise EngineDeadError(f"A tensor-parallel step failed ({e}): the ranks may be out of step") from e
+
+    def _execute(self, batch: Batch) -> StepResult:
         logits, hidden = self._forward(batch)
         prompt_logprobs = self._prompt_logprobs(batch, hidden)
         pooled = self._pool(batch, hidden)
@@ -212,22 +247,14 @@ class ModelRunner:
         covering positions [start, end) yields the entries of tokens start + 1 .. end (the last prompt position
         scores the first generated token instead, and is sampled as usual). Logits are made PROMPT_LOGITS_ROWS
         rows at a time and cut down to the top k at once: a long prompt never holds [prompt_len, vocab]."""
-        out, first_row = [], 0
-        for item in batch.scheduled:
-            seq, rows = item.seq, first_row
-            first_row += item.num_new_tokens
-            end = min(item.start + item.num_new_tokens, seq.num_prompt_tokens - 1)
-            if not seq.needs_prompt_logits or end <= item.start:
-                out.append(None)
-                continue
-            entries = []
-            for start in range(item.start, end, PROMPT_LOGITS_ROWS):
-                stop = min(start + PROMPT_LOGITS_ROWS, end)
-                logits = self.model.compute_logits(hidden[rows + start - item.start:rows + stop - item.start])
+        out = [None if chunks is None else [] for chunks in _prompt_chunks(batch)]
+        for i, chunks in enumerate(_prompt_chunks(batch)):
+            seq = batch.scheduled[i].seq
+            for start, stop, first_row in chunks or ():
+                logits = self.model.compute_logits(hidden[first_row:first_row + stop - start])
                 targets = self.to_device(seq.token_ids[start + 1:stop + 1])
-                entries += logprob_entries(torch.log_softmax(logits.float(), dim=-1), targets,
-                                           seq.params.prompt_logprobs)
-            out.append(entries)
+                out[i] += logprob_entries(torch.log_softmax(logits.float(), dim=-1), targets,
+                                          seq.params.prompt_logprobs)
         return out
 
     def _verify(self, logits: torch.Tensor, requests: list[SampleRequest], drafts: list[int]):
@@ -249,17 +276,36 @@ class ModelRunner:
 
     def _forward(self, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Run the model: logits of the positions that sample, in batch order, and every position's hidden state."""
-        input_ids, positions, meta, logit_rows = self._prepare(batch)
+        inputs = self._host_inputs(batch)
+        if self.sends_steps:
+            check_workers(self.workers)
+            send_step(inputs)
         if self.lora is not None:
             self.lora.prepare([(item.seq.lora_slot, item.num_new_tokens) for item in batch.scheduled])
+        return self._run(inputs)
+
+    def run_inputs(self, inputs: StepInputs) -> None:
+        """A tensor-parallel worker's step: the same forward pass and LM-head calls as rank 0, results unused."""
+        _, hidden = self._run(inputs)
+        for first, last in inputs.prompt_rows:
+            self.model.compute_logits(hidden[first:last])
+
+    def _run(self, inputs: StepInputs) -> tuple[torch.Tensor | None, torch.Tensor]:
+        if inputs.block_copies:  # copy-on-write of blocks shared by forked beams, before anything writes them
+            source, destination = zip(*inputs.block_copies)
+            self.kv_cache[:, :, list(destination)] = self.kv_cache[:, :, list(source)]
+        meta = AttentionMetadata(inputs.query_start, inputs.seq_lens, inputs.block_tables,
+                                 self.to_device(inputs.slots), self.config.block_size)
+        input_ids, positions = self.to_device(inputs.ids), self.to_device(inputs.positions)
         if self.graphs is not None and self.graphs.fits(meta) and not (self.lora and self.lora.token_groups):
             hidden = self.graphs.replay(input_ids, positions, meta)
         else:
             self.attention.prepare(meta)
             hidden = self.forward_model(input_ids, positions)
-        return (self.model.compute_logits(hidden[logit_rows]) if len(logit_rows) else None), hidden
+        rows = inputs.logit_rows
+        return (self.model.compute_logits(hidden[self.to_device(rows)]) if rows else None), hidden
 
-    def _prepare(self, batch: Batch):
+    def _host_inputs(self, batch: Batch) -> StepInputs:
         bs = self.config.block_size
         ids, positions, slots, query_start, seq_lens, logit_rows = [], [], [], [0], [], []
         for item in batch.scheduled:
@@ -271,9 +317,9 @@ class ModelRunner:
             query_start.append(query_start[-1] + item.num_new_tokens)
             seq_lens.append(end)
             logit_rows += range(query_start[-1] - item.num_logits, query_start[-1])
-        meta = AttentionMetadata(query_start, seq_lens, [item.seq.block_table for item in batch.scheduled],
-                                 self.to_device(slots), bs)
-        return self.to_device(ids), self.to_device(positions), meta, self.to_device(logit_rows)
+        prompt_rows = [(row, row + stop - start) for chunks in _prompt_chunks(batch) for start, stop, row in chunks or ()]
+        return StepInputs(ids, positions, slots, query_start, seq_lens, [item.seq.block_table for item in batch.scheduled],
+                          logit_rows, prompt_rows, list(batch.block_copies))
 
     def to_device(self, values: list[int]) -> torch.Tensor:
         """An int64 tensor on the device. On a GPU it goes through pinned memory with an asynchronous copy:
@@ -291,6 +337,22 @@ class ModelRunner:
         if not p.has_penalties:  # the token lists are copied only when the sampler reads them (long ones cost)
             return SampleRequest(p, [], [], seq.generator, banned)
         return SampleRequest(p, seq.prompt_token_ids, seq.output_token_ids + list(drafts), seq.generator, banned)
+
+
+def _prompt_chunks(batch: Batch) -> list[list[tuple[int, int, int]] | None]:
+    """Per item, the prompt-logprob chunks its rows score: (first position, end position, first hidden row),
+    PROMPT_LOGITS_ROWS at a time; None for an item that scores none."""
+    out, first_row = [], 0
+    for item in batch.scheduled:
+        seq, rows = item.seq, first_row
+        first_row += item.num_new_tokens
+        end = min(item.start + item.num_new_tokens, seq.num_prompt_tokens - 1)
+        if not seq.needs_prompt_logits or end <= item.start:
+            out.append(None)
+            continue
+        out.append([(start, min(start + PROMPT_LOGITS_ROWS, end), rows + start - item.start)
+                    for start in range(item.start, end, PROMPT_LOGITS_ROWS)])
+    return out
 
 
 def _flashinfer_installed() -> bool:

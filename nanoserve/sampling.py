@@ -91,6 +91,9 @@ class ParamError(ValueError):
         super().__init__(message)
         self.param = param
 
+    def __reduce__(self):  # keeps `param` when a data-parallel replica sends the error to the server's process
+        return ParamError, (str(self), self.param)
+
 
 def _check(ok: bool, message: str, param: str):
     if not ok:

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from .linear import Linear
+from .linear import Linear, MergedLinear
 from .models.moe import copy_expert_tensor
 
 
@@ -74,19 +74,45 @@ def _keys(file: str) -> list[str]:
 
 
 def _copy_tensor(model, params: dict, name: str, tensor: torch.Tensor) -> str | None:
-    """Copy one checkpoint tensor into its parameter; returns the parameter's name (None if unused)."""
+    """Copy one checkpoint tensor (or, under tensor parallelism, this rank's slice of it) into its parameter;
+    returns the parameter's name (None if unused)."""
     if ".experts." in name or "block_sparse_moe" in name:  # before the fused names: experts have gate_proj too
         return copy_expert_tensor(params, name, tensor)
     for fragment, (fused, shard) in model.stacked_params.items():
         if f".{fragment}." in name:
             target = name.replace(fragment, fused)
             module = model.get_submodule(target.rsplit(".", 1)[0])
-            offset = sum(module.shard_sizes[:shard])
-            with torch.no_grad():
-                params[target].narrow(0, offset, module.shard_sizes[shard]).copy_(tensor)
+            _copy_shard(params[target], module, shard, tensor)
             return target
     if name not in params:  # e.g. rotary inv_freq buffers saved by old checkpoints
         return None
+    module = model.get_submodule(name.rsplit(".", 1)[0])
+    if isinstance(module, MergedLinear) and tensor.shape[0] == sum(module.checkpoint_sizes) != module.out_features:
+        # Already fused in the checkpoint (Phi-3's qkv_proj, gate_up_proj), but this rank keeps a slice of each part
+        for shard, part in enumerate(tensor.split(module.checkpoint_sizes)):
+            _copy_shard(params[name], module, shard, part)
+        return name
     with torch.no_grad():
-        params[name].copy_(tensor)
+        params[name].copy_(_rank_slice(params[name], tensor))
     return name
+
+
+def _copy_shard(param: torch.Tensor, module, shard: int, tensor: torch.Tensor) -> None:
+    """One projection of a fused layer: this rank's rows of it, into the projection's rows of the parameter."""
+    size = module.shard_sizes[shard]
+    with torch.no_grad():
+        param.narrow(0, sum(module.shard_sizes[:shard]), size).copy_(tensor.narrow(0, module.shard_starts[shard], size))
+
+
+def _rank_slice(param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """The part of a checkpoint tensor this rank holds (parallel.py sets `param.shard`): a slice along one
+    dimension, padded with zeros past the end (the vocabulary's last rows), or zeros (a row-parallel bias)."""
+    shard = getattr(param, "shard", None)
+    if shard is None or shard == "rank 0":
+        return tensor
+    if shard == "zero":
+        return torch.zeros_like(param)
+    dim, start = shard
+    part = tensor.narrow(dim, start, max(0, min(param.shape[dim], tensor.shape[dim] - start)))
+    padding = [0, 0] * (tensor.dim() - 1 - dim) + [0, param.shape[dim] - part.shape[dim]]
+    return torch.nn.functional.pad(part, padding)

@@ -65,7 +65,8 @@ def test_bad_arguments_fail_in_one_line(capsys, argv):
     (["MODEL_DIR", "--max-num-seqs", "0"], "max_num_seqs"),
     (["MODEL_DIR", "--dtype", "float8"], "dtype"),
     (["MODEL_DIR", "--max-model-len", "100000"], "max_model_len"),
-    (["MODEL_DIR", "--tensor-parallel-size", "2"], "tensor-parallel-size"),
+    (["MODEL_DIR", "--tensor-parallel-size", "3"], "tensor_parallel_size=3 must divide"),
+    (["MODEL_DIR", "--data-parallel-size", "0"], "data-parallel-size"),
 ])
 def test_bad_values_fail_fast_in_one_line(capsys, llama_dir, argv, message):
     if argv[0] == "MODEL_DIR":  # these start `serve`: never on a fixed port

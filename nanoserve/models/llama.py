@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from ..attention import LayerSpec, attend
-from ..linear import Linear, MergedLinear
+from ..linear import Linear, MergedLinear, row_parallel
+from ..parallel import TensorParallel, VocabParallelEmbedding
 from .moe import SparseMoeBlock
 
 GEMMA = ("gemma2", "gemma3_text")
@@ -117,14 +118,21 @@ def _rotate_half(x):
 
 
 class Attention(nn.Module):
-    def __init__(self, config, layer: int, backend_id: int):
+    """Under tensor parallelism, this rank's heads only (parallel.py says which)."""
+
+    def __init__(self, config, layer: int, backend_id: int, tp: TensorParallel):
         super().__init__()
-        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.head_dim = d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        first_q, self.num_heads = tp.split(config.num_attention_heads, "number of attention heads")
+        first_kv, self.num_kv_heads = tp.kv_heads(config.num_key_value_heads)
+        q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
         bias = getattr(config, "attention_bias", False) or config.model_type in ("qwen2", "qwen2_moe")
-        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=bias)
-        self.o_proj = Linear(q_size, config.hidden_size, bias=getattr(config, "attention_bias", False))
+        full_kv = config.num_key_value_heads * d
+        self.qkv_proj = MergedLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=bias,
+                                     shard_starts=[first_q * d, first_kv * d, first_kv * d],
+                                     checkpoint_sizes=[config.num_attention_heads * d, full_kv, full_kv])
+        self.o_proj = row_parallel(Linear(q_size, config.hidden_size, bias=getattr(config, "attention_bias", False)),
+                                   tp)
         self.qk_norm = config.model_type in ("qwen3", "qwen3_moe", "gemma3_text")
         if self.qk_norm:
             gemma = config.model_type in GEMMA
@@ -146,10 +154,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config, activation):
+    def __init__(self, config, activation, tp: TensorParallel):
         super().__init__()
-        self.gate_up_proj = MergedLinear(config.hidden_size, [config.intermediate_size] * 2, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        first, inter = tp.split(config.intermediate_size, "intermediate size")
+        self.gate_up_proj = MergedLinear(config.hidden_size, [inter] * 2, bias=False, shard_starts=[first] * 2,
+                                         checkpoint_sizes=[config.intermediate_size] * 2)
+        self.down_proj = row_parallel(Linear(inter, config.hidden_size, bias=False), tp)
         self.activation = activation
 
     def forward(self, x):
@@ -165,14 +175,14 @@ def _is_sparse(config, layer: int) -> bool:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, layer: int, backend_id: int):
+    def __init__(self, config, layer: int, backend_id: int, tp: TensorParallel):
         super().__init__()
         act_name = getattr(config, "hidden_activation", None) or config.hidden_act
         if act_name not in ACTIVATIONS:
             raise ValueError(f"Activation {act_name!r} is not supported (supported: {sorted(ACTIVATIONS)})")
         activation = ACTIVATIONS[act_name]
-        self.self_attn = Attention(config, layer, backend_id)
-        self.mlp = SparseMoeBlock(config, activation) if _is_sparse(config, layer) else MLP(config, activation)
+        self.self_attn = Attention(config, layer, backend_id, tp)
+        self.mlp = SparseMoeBlock(config, activation, tp) if _is_sparse(config, layer) else MLP(config, activation, tp)
         self.layer_type = layer_types(config)[layer]
         gemma = config.model_type in GEMMA
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, gemma)
@@ -191,11 +201,11 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config, backend_id: int, max_model_len: int):
+    def __init__(self, config, backend_id: int, max_model_len: int, tp: TensorParallel = TensorParallel()):
         super().__init__()
-        self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, backend_id) for i in range(config.num_hidden_layers))
+        self.config, self.tp = config, tp
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, backend_id, tp) for i in range(config.num_hidden_layers))
         gemma = config.model_type in GEMMA
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, gemma)
         self.embed_scale = config.hidden_size ** 0.5 if gemma else None
@@ -205,9 +215,10 @@ class LlamaForCausalLM(nn.Module):
         kinds = sorted(set(layer_types(config))) if per_type else [None]
         self.rotary = nn.ModuleDict({kind or "all": Rotary(config, max_model_len, kind) for kind in kinds})
         self.max_model_len = max_model_len
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, self.embed_tokens.rows, bias=False)  # vocab-parallel too
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.lm_head.weight.shard = self.embed_tokens.weight.shard
 
     def forward(self, input_ids, positions) -> torch.Tensor:
         """Hidden states [T, hidden] of every input token."""
@@ -220,7 +231,7 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden)
+        logits = self.tp.gather_vocab(self.lm_head(hidden), self.config.vocab_size)
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
         return logits

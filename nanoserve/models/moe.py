@@ -19,29 +19,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..linear import Linear, MergedLinear
+from ..linear import Linear, MergedLinear, row_parallel
 
 
 class SparseMoeBlock(nn.Module):
-    def __init__(self, config, activation):
+    """Under tensor parallelism every rank holds every expert, each cut to its slice of the expert width (like the
+    dense MLP: gate/up rows, down columns), and the partial outputs are summed over the ranks."""
+
+    def __init__(self, config, activation, tp):
         super().__init__()
         hidden = config.hidden_size
         self.num_experts = getattr(config, "num_local_experts", None) or config.num_experts
-        inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
-        self.top_k, self.activation = config.num_experts_per_tok, activation
+        first, inter = tp.split(getattr(config, "moe_intermediate_size", None) or config.intermediate_size,
+                                "expert intermediate size")
+        self.top_k, self.activation, self.tp = config.num_experts_per_tok, activation, tp
         self.renormalize = getattr(config, "norm_topk_prob", True)  # Mixtral has no such flag: it always does
         self.gate = nn.Linear(hidden, self.num_experts, bias=False)  # the router: never quantized, never LoRA
         self.w13 = nn.Parameter(torch.empty(self.num_experts, 2 * inter, hidden))
         self.w2 = nn.Parameter(torch.empty(self.num_experts, hidden, inter))
+        self.w13.shard, self.w2.shard = (1, first), (2, first)  # where this rank's slice starts in the checkpoint
         shared = getattr(config, "shared_expert_intermediate_size", 0)
         if shared:
-            self.shared_expert = DenseMLP(hidden, shared, activation)
+            self.shared_expert = DenseMLP(hidden, shared, activation, tp)
             self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
         self.shared = bool(shared)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = route(self.gate(x), self.top_k, self.renormalize)
-        out = run_experts(x, self.w13, self.w2, weights.to(x.dtype), experts, self.activation)
+        out = self.tp.all_reduce(run_experts(x, self.w13, self.w2, weights.to(x.dtype), experts, self.activation))
         if self.shared:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
@@ -50,10 +55,12 @@ class SparseMoeBlock(nn.Module):
 class DenseMLP(nn.Module):
     """gate/up/down, as the dense models' MLP: here the shared expert."""
 
-    def __init__(self, hidden: int, inter: int, activation):
+    def __init__(self, hidden: int, inter: int, activation, tp):
         super().__init__()
-        self.gate_up_proj = MergedLinear(hidden, [inter, inter], bias=False)
-        self.down_proj = Linear(inter, hidden, bias=False)
+        first, local = tp.split(inter, "shared expert intermediate size")
+        self.gate_up_proj = MergedLinear(hidden, [local, local], bias=False, shard_starts=[first] * 2,
+                                         checkpoint_sizes=[inter] * 2)
+        self.down_proj = row_parallel(Linear(local, hidden, bias=False), tp)
         self.activation = activation
 
     def forward(self, x):
@@ -146,8 +153,9 @@ def copy_expert_tensor(params: dict, name: str, tensor: torch.Tensor) -> str | N
         return None
     prefix, expert, kind = match.groups()
     stacked, shard = _SHARD[kind]
-    target = params[f"{prefix}.mlp.{stacked}"].data[int(expert)]
+    param = params[f"{prefix}.mlp.{stacked}"]
+    target, (dim, start) = param.data[int(expert)], param.shard
     if shard is not None:  # gate rows first, then up rows
         target = target.narrow(0, shard * target.shape[0] // 2, target.shape[0] // 2)
-    target.copy_(tensor)
+    target.copy_(tensor.narrow(dim - 1, start, target.shape[dim - 1]))  # this rank's slice of the expert width
     return f"{prefix}.mlp.{stacked}"
