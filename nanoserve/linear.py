@@ -28,7 +28,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._base(x)
-        if self.lora is not None and self.lora.manager.token_groups:
+        if self.lora is not None and (self.lora.manager.static or self.lora.manager.token_groups):
             out = self.lora.add(x, out)
         if self.reduce is not None:
             out = self.reduce.all_reduce(out)

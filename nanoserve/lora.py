@@ -1,16 +1,22 @@
 """Multi-LoRA: many PEFT adapters on one base model, mixed in the same batch.
 
-Storage: every LoRA-capable linear layer (qkv_proj, o_proj, gate_up_proj, down_proj) holds stacked A and B
-tensors of fixed shape, one slot per loaded adapter: A [max_loras, shards * max_rank, in] and
-B [max_loras, out, shards * max_rank], zero where an adapter has a smaller rank or does not target a shard.
+Storage: every LoRA-capable linear layer (qkv_proj, o_proj, gate_up_proj, down_proj) holds A and B of fixed
+shape, a block of `width` = shards * max_rank columns per slot (one slot per loaded adapter):
+A [max_loras * width, in] and B [out, max_loras * width], zero where an adapter has a smaller rank or does not
+target a shard.
 A fused layer's shards (q, k, v) each get their own rank block: A stacks their A matrices, and B puts each
 shard's B in its rows and its own columns, so B · (A · x) is exactly the three adapters side by side. The
 per-slot scaling (lora_alpha / r, or lora_alpha / sqrt(r) with rslora) is folded into B at load.
 
 Forward: the runner tells the manager each token's slot before a step (`prepare`; -1 for the base model);
-each LoRA layer then adds B[slot] · (A[slot] · x) for the tokens of each slot present, one pair of matmuls per
-slot (segmented over the slots present, not gathered per token: on a CPU that is fewer bytes moved). A batch
-without LoRA tokens skips the layer's LoRA work entirely.
+each LoRA layer then adds B[slot] · (A[slot] · x) to every token. Two ways, the same sums:
+- eager (the CPU default): one pair of matmuls per slot present, over its tokens (segmented, not gathered per
+  token: fewer bytes moved); a batch without LoRA tokens skips the layer's LoRA work entirely;
+- `static` (under torch.compile and CUDA graphs): every token through every slot's A at once, [T, max_loras *
+  width], masked to its own slot's columns, then through B. Its shapes depend on nothing but the token count,
+  and the slots are read from a fixed buffer (`token_slots`), so any mix of adapters, or none, runs the same
+  compiled graph, and a captured CUDA graph replays with this step's slots. It costs max_loras times the
+  rank's FLOPs, small next to the layer's own matmul.
 
 Slots: `LoRAManager.slot_for(request)` loads an adapter into a free slot, or evicts the least recently used
 slot that no running sequence holds.
@@ -41,24 +47,30 @@ class LoRALayer:
     def __init__(self, linear, manager: "LoRAManager", max_loras: int, max_rank: int):
         shards = getattr(linear, "shard_sizes", [linear.out_features])
         self.manager, self.shard_sizes, self.rank = manager, shards, max_rank
+        self.width = w = len(shards) * max_rank  # a slot's columns
         dtype, device = linear.weight.dtype, linear.weight.device
-        self.a = torch.zeros(max_loras, len(shards) * max_rank, linear.in_features, dtype=dtype, device=device)
-        self.b = torch.zeros(max_loras, linear.out_features, len(shards) * max_rank, dtype=dtype, device=device)
+        self.a = torch.zeros(max_loras * w, linear.in_features, dtype=dtype, device=device)
+        self.b = torch.zeros(linear.out_features, max_loras * w, dtype=dtype, device=device)
+        self.column_slot = torch.arange(max_loras, device=device).repeat_interleave(w)  # the slot of each column
 
     def set(self, slot: int, shard: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         r, rows = a.shape[0], sum(self.shard_sizes[:shard])
-        cols = shard * self.rank
-        self.a[slot, cols:cols + r] = a
-        self.b[slot, rows:rows + b.shape[0], cols:cols + r] = b * scaling
+        cols = slot * self.width + shard * self.rank
+        self.a[cols:cols + r] = a
+        self.b[rows:rows + b.shape[0], cols:cols + r] = b * scaling
 
     def clear(self, slot: int) -> None:
-        self.a[slot].zero_()
-        self.b[slot].zero_()
+        self.a[slot * self.width:(slot + 1) * self.width].zero_()
+        self.b[:, slot * self.width:(slot + 1) * self.width].zero_()
 
     def add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.manager.static:
+            mine = self.manager.token_slots[:x.shape[0], None] == self.column_slot[None, :]  # [T, slots * width]
+            return out + ((x @ self.a.t()) * mine.to(x.dtype)) @ self.b.t()
         for slot, rows in self.manager.token_groups:
             xs = x[rows] if rows is not None else x
-            delta = (xs @ self.a[slot].t()) @ self.b[slot].t()
+            cols = slice(slot * self.width, (slot + 1) * self.width)
+            delta = (xs @ self.a[cols].t()) @ self.b[:, cols].t()
             if rows is None:
                 out = out + delta
             else:
@@ -67,9 +79,11 @@ class LoRALayer:
 
 
 class LoRAManager:
-    def __init__(self, model: torch.nn.Module, max_loras: int, max_rank: int):
+    def __init__(self, model: torch.nn.Module, max_loras: int, max_rank: int, max_tokens: int, static: bool = False):
         from .linear import Linear
-        self.max_loras, self.max_rank = max_loras, max_rank
+        self.max_loras, self.max_rank, self.static = max_loras, max_rank, static
+        device = next(model.parameters()).device
+        self.token_slots = torch.full((max_tokens,), -1, dtype=torch.long, device=device)  # static: refilled in place
         self.layers: dict[str, LoRALayer] = {}
         for name, module in model.named_modules():
             if isinstance(module, Linear) and name.rsplit(".", 1)[-1] in {t for t, _ in TARGETS.values()}:
@@ -108,11 +122,22 @@ class LoRAManager:
             prefix, _, target = module.rpartition(".")
             ours, shard = TARGETS[target]
             b = tensors[key.replace("lora_A", "lora_B")]
-            self.layers[f"{prefix}.{ours}"].set(slot, shard, a.float(), b.float(), scaling)
+            layer = self.layers.get(f"{prefix}.{ours}")
+            if layer is None:  # e.g. a mixture of experts' per-expert projections
+                raise ValueError(f"LoRA adapter {request.lora_path} targets {module}, which has no LoRA support")
+            layer.set(slot, shard, a.float(), b.float(), scaling)
 
     def prepare(self, items: list[tuple[int, int]]) -> None:
         """The next forward pass's (slot, number of tokens) per scheduled item, in batch order (-1: the base
-        model). Each slot present gets the rows of its tokens, or None when it has them all."""
+        model). Static: every token's slot in `token_slots` (-1 past them: a CUDA graph's padding rows). Else each
+        slot present gets the rows of its tokens, or None when it has them all."""
+        if self.static:
+            slots = [slot for slot, count in items for _ in range(count)]
+            if len(slots) > len(self.token_slots):  # eager only: a compiled graph never sees more than the budget
+                self.token_slots = torch.full((len(slots),), -1, dtype=torch.long, device=self.token_slots.device)
+            self.token_slots.fill_(-1)
+            self.token_slots[:len(slots)].copy_(torch.tensor(slots), non_blocking=True)
+            return
         present = sorted({slot for slot, _ in items})
         if present == [-1]:
             self.token_groups = []

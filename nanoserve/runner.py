@@ -91,7 +91,10 @@ class ModelRunner:
             load_weights(model, model_dir, optional, self.quant_method)
         if isinstance(self.quant_method, OnTheFlyInt8):
             quantize_model(model, self.quant_method)
-        self.lora = LoRAManager(model, config.max_loras, config.max_lora_rank) if config.enable_lora else None
+        # Compiled or graphed: LoRA in one shape for any mix of adapters (lora.py, "static").
+        static = config.compile_model or bool(config.cudagraph_capture_sizes)
+        self.lora = LoRAManager(model, config.max_loras, config.max_lora_rank, config.max_num_batched_tokens,
+                                static) if config.enable_lora else None
         self.pooler = Pooler.for_model(model_dir, hf, config.pooler_config) if config.runner == "pooling" else None
         self.model = model.eval().requires_grad_(False)
         quantized = f", quantization: {self.quant_method.describe()}" if self.quant_method else ""
@@ -297,7 +300,7 @@ class ModelRunner:
         meta = AttentionMetadata(inputs.query_start, inputs.seq_lens, inputs.block_tables,
                                  self.to_device(inputs.slots), self.config.block_size)
         input_ids, positions = self.to_device(inputs.ids), self.to_device(inputs.positions)
-        if self.graphs is not None and self.graphs.fits(meta) and not (self.lora and self.lora.token_groups):
+        if self.graphs is not None and self.graphs.fits(meta):
             hidden = self.graphs.replay(input_ids, positions, meta)
         else:
             self.attention.prepare(meta)

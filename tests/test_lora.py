@@ -2,10 +2,12 @@
 alphas, rslora, target sets); every request of a mixed batch (base and three adapters, prompt chunks,
 preemption, prefix-cache hits) must give the greedy tokens of transformers + PEFT running it alone (fp32)."""
 import functools
+import gc
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM
 
 from conftest import hf_greedy
@@ -193,3 +195,37 @@ def test_beam_search_and_embeddings_take_the_adapter(qwen2_dir, adapters):
     base, adapted = (embedder.embed([ids], use_tqdm=False, lora_request=lora)[0].outputs.embedding
                      for lora in (None, adapters["all"]))
     assert base != adapted
+
+
+def test_compiled_lora_is_one_graph_for_any_mix_of_adapters(qwen2_dir, adapters):
+    """Under torch.compile LoRA runs in its static form: a mixed batch, a base-only one and another mix of
+    adapters all run the same compiled graph (no recompilation), with PEFT's tokens."""
+    gc.collect()  # earlier engines' attention backend ids are constants in a graph until collected
+    counters.clear()
+    llm = LLM(qwen2_dir, enable_lora=True, max_loras=3, max_lora_rank=8, block_size=4,
+              compilation_config={"mode": 3})
+    assert llm.engine.runner.lora.static
+    prompts = random_prompts(llm.get_tokenizer(), 4, seed=44, min_len=5, max_len=20)
+    for choice in ([None, adapters["attn"], adapters["all"], adapters["mlp"]], [None] * 4,
+                   [adapters["mlp"], adapters["mlp"], None, adapters["attn"]]):
+        outputs = llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=choice)
+        for ids, lora, out in zip(prompts, choice, outputs):
+            want = hf_greedy(qwen2_dir, [ids], 10, ignore_eos=True)[0] if lora is None else \
+                peft_greedy(qwen2_dir, lora.lora_path, ids)
+            assert out.outputs[0].token_ids == want, lora and lora.lora_name
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_mixed_batch_matches_peft_on_llama_and_qwen3(arch, tiny_model_factory, tmp_path):
+    """The other two architectures (Qwen3's q/k norms, Llama's tied embeddings), base and two adapters in one
+    batch, prompts in chunks."""
+    base = tiny_model_factory(arch)
+    loras = [LoRARequest(name, i + 1, make_adapter(base, tmp_path / name, 10 + i, *ADAPTERS[name]))
+             for i, name in enumerate(["all", "attn"])]
+    llm = LLM(base, enable_lora=True, max_loras=2, max_lora_rank=8, block_size=4, max_num_batched_tokens=9)
+    prompts = random_prompts(llm.get_tokenizer(), 6, seed=45, min_len=5, max_len=25)
+    choice = [None, *loras] * 2
+    for ids, lora, out in zip(prompts, choice, llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=choice)):
+        want = hf_greedy(base, [ids], 10, ignore_eos=True)[0] if lora is None else peft_greedy(base, lora.lora_path, ids)
+        assert out.outputs[0].token_ids == want, (arch, lora and lora.lora_name)
