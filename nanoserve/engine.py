@@ -136,7 +136,8 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self.num_prompt_tokens = self.num_generation_tokens = 0
         self.num_failed_steps = 0  # consecutive; the server gives up on a device that fails every step
-        self.lora_names: dict[int, str] = {}  # LoRA adapter id -> name, for the metrics
+        self.lora_requests: dict[int, object] = {}  # LoRA adapter id -> its LoRARequest (names for the metrics)
+        self.lora_waiting: list[_Request] = []  # requests whose adapter waits for a slot
         self.tracer = StepTracer(config.trace_path, self) if config.trace_path else None  # trace.py
 
     def _make_proposer(self):
@@ -204,27 +205,40 @@ class LLMEngine:
         self._register(req)
 
     def _register(self, req: _Request) -> None:
-        """Queue a fully checked request's sequences (the last step of every add)."""
+        """Queue a fully checked request's sequences (the last step of every add). One whose LoRA adapter has no
+        slot yet (every slot is held) waits in `lora_waiting` until `_admit_lora_waiting` finds it one."""
+        self.requests[req.request_id] = req
+        if req.seqs[0].lora_slot is None:
+            self.lora_waiting.append(req)
+            return
         for i, seq in enumerate(req.seqs):
             self.seq_owner[seq.seq_id] = (req, i)
             self.scheduler.add(seq)
-        self.requests[req.request_id] = req
         self.num_prompt_tokens += len(req.prompt_token_ids)
 
+    def _admit_lora_waiting(self) -> None:
+        """Requests waiting for a LoRA slot, oldest first, get one if a running request has let one go."""
+        for req in list(self.lora_waiting):
+            slot = self._lora_slot(self.lora_requests[req.seqs[0].lora_id])[1]
+            if slot is not None:
+                self.lora_waiting.remove(req)
+                for seq in req.seqs:
+                    seq.lora_slot = slot
+                self._register(req)
+
     def _lora_slot(self, lora_request) -> tuple[int, int]:
-        """(adapter id, slot) for a request's LoRA adapter, loading it if needed; (0, -1) for the base model."""
+        """(adapter id, slot) for a request's LoRA adapter, loading it if needed; (0, -1) for the base model;
+        slot None while running requests hold every slot."""
         if lora_request is None:
             return 0, -1
         if self.runner.lora is None:
             raise ParamError("LoRA adapters need an engine built with enable_lora=True", "model")
         if lora_request.lora_int_id < 1:
             raise ParamError("lora_int_id must be a positive integer", "model")
-        self.lora_names[lora_request.lora_int_id] = lora_request.lora_name
-        busy = {s.lora_id for r in self.requests.values() for s in r.seqs if s.finish_reason is None}
-        try:
-            return lora_request.lora_int_id, self.runner.lora.slot_for(lora_request, busy)
-        except RuntimeError as exc:
-            raise ParamError(str(exc), "model") from None
+        self.lora_requests[lora_request.lora_int_id] = lora_request
+        busy = {s.lora_id for r in self.requests.values() if r not in self.lora_waiting for s in r.seqs
+                if s.finish_reason is None}
+        return lora_request.lora_int_id, self.runner.lora.slot_for(lora_request, busy)
 
     def _add_pooling(self, request_id: str, text: str | None, ids: list[int], params: PoolingParams, lora) -> None:
         self.runner.pooler.check(params, self.config.served_model_name or self.config.model)
@@ -301,7 +315,9 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> None:
         """Stop a request at once; its KV blocks go back to the pool before this returns."""
         req = self.requests.pop(request_id, None)
-        if req is not None:
+        if req in self.lora_waiting:  # never reached the scheduler
+            self.lora_waiting.remove(req)
+        elif req is not None:
             for seq in req.seqs:
                 self.scheduler.finish(seq, "abort")
                 self.seq_owner.pop(seq.seq_id, None)
@@ -323,6 +339,8 @@ class LLMEngine:
         Faults stay with the requests they touch: if the model step fails, the requests in that batch end with
         finish_reason "error"; if one request's output processing fails, only that request does. Either way
         their blocks go back and the next step serves everyone else."""
+        if self.lora_waiting:
+            self._admit_lora_waiting()
         batch = self.scheduler.schedule()
         if not batch.scheduled:
             return []
@@ -477,15 +495,16 @@ class LLMEngine:
             self.seq_owner.pop(seq.seq_id, None)
 
     def _adapters(self, seqs) -> str:
-        return ",".join(sorted({self.lora_names[q.lora_id] for q in seqs if q.lora_id}))
+        return ",".join(sorted({self.lora_requests[q.lora_id].lora_name for q in seqs if q.lora_id}))
 
     def stats(self) -> dict:
         s = self.scheduler
+        waiting = [*s.waiting, *(seq for req in self.lora_waiting for seq in req.seqs)]  # queued, or for a LoRA slot
         lora = {}
         if self.runner.lora is not None:  # vLLM's lora_requests_info: which adapters run and wait
             lora = {"lora_requests_info": {"max_lora": self.config.max_loras, "running": self._adapters(s.running),
-                                           "waiting": self._adapters(s.waiting)}}
-        return {**lora, "num_requests_running": len(s.running), "num_requests_waiting": len(s.waiting),
+                                           "waiting": self._adapters(waiting)}}
+        return {**lora, "num_requests_running": len(s.running), "num_requests_waiting": len(waiting),
                 "kv_cache_usage_perc": s.block_manager.usage, "num_preemptions": s.num_preemptions,
                 "prefix_cache_queries": s.prefix_cache_queries, "prefix_cache_hits": s.prefix_cache_hits,
                 "prompt_tokens": self.num_prompt_tokens, "generation_tokens": self.num_generation_tokens,

@@ -19,7 +19,8 @@ each LoRA layer then adds B[slot] · (A[slot] · x) to every token. Two ways, th
   rank's FLOPs, small next to the layer's own matmul.
 
 Slots: `LoRAManager.slot_for(request)` loads an adapter into a free slot, or evicts the least recently used
-slot that no running sequence holds.
+slot that no running sequence holds; when running sequences hold every slot, the request waits in the engine
+(`LLMEngine.lora_waiting`) until one is let go, as in vLLM.
 """
 import json
 import math
@@ -91,8 +92,9 @@ class LoRAManager:
         self.slots: OrderedDict[int, int] = OrderedDict()  # adapter id -> slot, least recently used first
         self.token_groups: list[tuple[int, torch.Tensor | None]] = []  # this step's (slot, token rows)
 
-    def slot_for(self, request: LoRARequest, busy: set[int]) -> int:
-        """The adapter's slot, loading it first if needed; `busy` holds the ids running sequences use."""
+    def slot_for(self, request: LoRARequest, busy: set[int]) -> int | None:
+        """The adapter's slot, loading it first if needed; `busy` holds the ids running sequences use. None when
+        every slot is held by a running sequence: the request waits for one (the engine retries each step)."""
         if request.lora_int_id in self.slots:
             self.slots.move_to_end(request.lora_int_id)
             return self.slots[request.lora_int_id]
@@ -101,7 +103,7 @@ class LoRAManager:
         if not free:
             victim = next((i for i in self.slots if i not in busy), None)
             if victim is None:
-                raise RuntimeError("every LoRA slot is held by a running request")
+                return None
             free = [self.slots.pop(victim)]
         self._load(request, free[0])
         self.slots[request.lora_int_id] = free[0]

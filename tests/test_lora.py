@@ -91,6 +91,29 @@ def test_slots_are_reused_least_recently_used_first(qwen2_dir, adapters):
         assert out.outputs[0].token_ids == peft_greedy(qwen2_dir, adapters[name].lora_path, ids)
 
 
+def test_more_adapters_than_slots_wait_for_one(qwen2_dir, adapters):
+    """One slot, three adapters and the base in one call: the requests whose adapter finds the slot held wait
+    (as in vLLM) instead of failing, and every one ends with PEFT's tokens; an aborted waiting request leaves
+    nothing behind."""
+    llm = LLM(qwen2_dir, enable_lora=True, max_loras=1, max_lora_rank=8)
+    prompts = random_prompts(llm.get_tokenizer(), 6, seed=46, min_len=4, max_len=15)
+    choice = [adapters["attn"], adapters["mlp"], None, adapters["all"], adapters["attn"], adapters["mlp"]]
+    for ids, lora, out in zip(prompts, choice, llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=choice)):
+        want = hf_greedy(qwen2_dir, [ids], 10, ignore_eos=True)[0] if lora is None else \
+            peft_greedy(qwen2_dir, lora.lora_path, ids)
+        assert out.outputs[0].token_ids == want, lora and lora.lora_name
+    engine = llm.engine
+    engine.add_request("runs", prompts[0], GREEDY, adapters["attn"])
+    engine.add_request("waits", prompts[1], GREEDY, adapters["mlp"])
+    engine.step()
+    info = engine.stats()["lora_requests_info"]
+    assert (info["running"], info["waiting"]) == ("attn", "mlp")
+    engine.abort_request("waits")
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert not engine.lora_waiting and engine.stats()["num_requests_waiting"] == 0
+
+
 def test_bad_adapters(qwen2_dir, adapters, tmp_path):
     llm = LLM(qwen2_dir, enable_lora=True, max_loras=1, max_lora_rank=4)
     with pytest.raises(ValueError, match="exceeds max_lora_rank=4"):
