@@ -147,7 +147,8 @@ class OpenAIServer:
 
     async def models(self, request: Request) -> JSONResponse:
         card = {"id": self.name, "object": "model", "created": int(time.time()), "owned_by": "nanoserve",
-                "root": self.core.config.model or self.name, "parent": None, "max_model_len": self.max_model_len}
+                "root": self.core.config.model or self.name, "parent": None, "max_model_len": self.max_model_len,
+                "quantization": method.describe() if (method := self.core.runner.quant_method) else None}
         adapters = [{**card, "id": name, "root": lora.lora_path, "parent": self.name}
                     for name, lora in self.loras.items()]
         return JSONResponse({"object": "list", "data": [card, *adapters]})

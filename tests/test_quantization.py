@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 
+import httpx
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,6 +20,7 @@ from conftest import _load, hf_greedy
 from nanoserve import LLM, SamplingParams
 from nanoserve.quantization import Int8Kernel
 from quant_tools.dequant import dequantize_checkpoint
+from test_hardening import launch
 
 # All 45 variants: `python tests/quant_tools/make_checkpoints.py DIR` (in the venv its docstring names), then
 # NANOSERVE_QUANT_CHECKPOINTS=DIR python -m pytest tests/test_quantization.py
@@ -132,3 +134,13 @@ def test_fp8_format_per_tensor(tmp_path):
     assert llm.engine.runner.quant_method.name == "fp8"
     got = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == hf_greedy(reference, PROMPTS, 10, ignore_eos=True)
+
+
+def test_models_endpoint_names_the_quantization(llama_dir):
+    proc, base = launch(llama_dir, "--quantization", "int8")
+    try:
+        card = httpx.get(base + "/v1/models", timeout=10).json()["data"][0]
+        assert card["quantization"].startswith("int8")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
