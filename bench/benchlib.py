@@ -204,6 +204,15 @@ class StepCounter:
 # Output
 # ---------------------------------------------------------------------------------------------------------------
 
+def mean_us(fn, calls: int = 100) -> float:
+    """Mean microseconds of `calls` calls of `fn`, after one warm-up call (microbenchmarks of a kernel)."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
 def fingerprint(*parts) -> str:
     """A short hash of a workload, so rows from different processes can be matched to the same requests."""
     return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:10]

@@ -7,20 +7,12 @@ it on a CPU? Asymmetric int4 per group of 64, the tinygemm convention (w = (q - 
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import print_table  # noqa: E402
+from benchlib import mean_us, print_table  # noqa: E402
 
-
-def mean_us(fn, calls: int = 100) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def quantize(w: torch.Tensor, group: int):

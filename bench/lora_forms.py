@@ -8,20 +8,12 @@ under torch.compile and CUDA graphs). Each is checked equal to the segmented one
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import print_table  # noqa: E402
+from benchlib import mean_us, print_table  # noqa: E402
 
-
-def mean_us(fn, calls: int = 200) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def main():
@@ -56,8 +48,8 @@ def main():
 
         for form in (gathered, masked):
             torch.testing.assert_close(form(), segmented(), atol=1e-2, rtol=1e-4)
-        rows.append([tokens, mean_us(segmented), mean_us(gathered), mean_us(masked),
-                     mean_us(lambda: torch.nn.functional.linear(x, weight))])
+        rows.append([tokens, mean_us(segmented, 200), mean_us(gathered, 200), mean_us(masked, 200),
+                     mean_us(lambda: torch.nn.functional.linear(x, weight), 200)])
     print_table(["tokens", "segmented us", "gathered us", "masked us", "the layer's own matmul us"], rows,
                 title=f"LoRA delta forms, {args.slots} slots of {args.width} columns, layer {n_in} -> {n_out}, "
                       f"torch {torch.__version__}, {torch.get_num_threads()} threads")

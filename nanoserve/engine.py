@@ -137,7 +137,7 @@ class LLMEngine:
         self.num_prompt_tokens = self.num_generation_tokens = 0
         self.num_failed_steps = 0  # consecutive; the server gives up on a device that fails every step
         self.lora_requests: dict[int, object] = {}  # LoRA adapter id -> its LoRARequest (names for the metrics)
-        self.lora_waiting: list[_Request] = []  # requests whose adapter waits for a slot
+        self.lora_waiting: dict[str, _Request] = {}  # request id -> request whose adapter waits for a slot
         self.tracer = StepTracer(config.trace_path, self) if config.trace_path else None  # trace.py
 
     def _make_proposer(self):
@@ -209,7 +209,7 @@ class LLMEngine:
         slot yet (every slot is held) waits in `lora_waiting` until `_admit_lora_waiting` finds it one."""
         self.requests[req.request_id] = req
         if req.seqs[0].lora_slot is None:
-            self.lora_waiting.append(req)
+            self.lora_waiting[req.request_id] = req
             return
         for i, seq in enumerate(req.seqs):
             self.seq_owner[seq.seq_id] = (req, i)
@@ -218,10 +218,10 @@ class LLMEngine:
 
     def _admit_lora_waiting(self) -> None:
         """Requests waiting for a LoRA slot, oldest first, get one if a running request has let one go."""
-        for req in list(self.lora_waiting):
+        for req in list(self.lora_waiting.values()):
             slot = self._lora_slot(self.lora_requests[req.seqs[0].lora_id])[1]
             if slot is not None:
-                self.lora_waiting.remove(req)
+                del self.lora_waiting[req.request_id]
                 for seq in req.seqs:
                     seq.lora_slot = slot
                 self._register(req)
@@ -236,8 +236,7 @@ class LLMEngine:
         if lora_request.lora_int_id < 1:
             raise ParamError("lora_int_id must be a positive integer", "model")
         self.lora_requests[lora_request.lora_int_id] = lora_request
-        busy = {s.lora_id for r in self.requests.values() if r not in self.lora_waiting for s in r.seqs
-                if s.finish_reason is None}
+        busy = {s.lora_id for r in self.requests.values() for s in r.seqs if s.finish_reason is None}
         return lora_request.lora_int_id, self.runner.lora.slot_for(lora_request, busy)
 
     def _add_pooling(self, request_id: str, text: str | None, ids: list[int], params: PoolingParams, lora) -> None:
@@ -315,9 +314,8 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> None:
         """Stop a request at once; its KV blocks go back to the pool before this returns."""
         req = self.requests.pop(request_id, None)
-        if req in self.lora_waiting:  # never reached the scheduler
-            self.lora_waiting.remove(req)
-        elif req is not None:
+        waited = self.lora_waiting.pop(request_id, None)  # it never reached the scheduler
+        if req is not None and waited is None:
             for seq in req.seqs:
                 self.scheduler.finish(seq, "abort")
                 self.seq_owner.pop(seq.seq_id, None)
@@ -499,7 +497,7 @@ class LLMEngine:
 
     def stats(self) -> dict:
         s = self.scheduler
-        waiting = [*s.waiting, *(seq for req in self.lora_waiting for seq in req.seqs)]  # queued, or for a LoRA slot
+        waiting = [*s.waiting, *(seq for req in self.lora_waiting.values() for seq in req.seqs)]  # or for a LoRA slot
         lora = {}
         if self.runner.lora is not None:  # vLLM's lora_requests_info: which adapters run and wait
             lora = {"lora_requests_info": {"max_lora": self.config.max_loras, "running": self._adapters(s.running),

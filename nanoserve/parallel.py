@@ -23,7 +23,7 @@ import datetime
 import logging
 import os
 import socket
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -167,11 +167,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def single_rank(config):
-    """The same config for a model that runs whole in this process (the draft model of speculative decoding)."""
-    return replace(config, tensor_parallel_size=1)
 
 
 def check_parallel_support(config, hf_config) -> None:

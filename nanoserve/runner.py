@@ -50,7 +50,7 @@ class StepInputs:
     seq_lens: list[int]
     block_tables: list[list[int]]
     logit_rows: list[int]  # the hidden rows that sample
-    prompt_rows: list[tuple[int, int]]  # hidden row ranges scored for prompt logprobs, in order
+    prompt_rows: list[tuple[int, int]]  # hidden row ranges scored for prompt logprobs, in order (TP only)
     block_copies: list[tuple[int, int]]
 
 
@@ -250,14 +250,15 @@ class ModelRunner:
         covering positions [start, end) yields the entries of tokens start + 1 .. end (the last prompt position
         scores the first generated token instead, and is sampled as usual). Logits are made PROMPT_LOGITS_ROWS
         rows at a time and cut down to the top k at once: a long prompt never holds [prompt_len, vocab]."""
-        out = [None if chunks is None else [] for chunks in _prompt_chunks(batch)]
-        for i, chunks in enumerate(_prompt_chunks(batch)):
-            seq = batch.scheduled[i].seq
+        out = []
+        for item, chunks in zip(batch.scheduled, _prompt_chunks(batch)):
+            entries = None if chunks is None else []
             for start, stop, first_row in chunks or ():
                 logits = self.model.compute_logits(hidden[first_row:first_row + stop - start])
-                targets = self.to_device(seq.token_ids[start + 1:stop + 1])
-                out[i] += logprob_entries(torch.log_softmax(logits.float(), dim=-1), targets,
-                                          seq.params.prompt_logprobs)
+                targets = self.to_device(item.seq.token_ids[start + 1:stop + 1])
+                entries += logprob_entries(torch.log_softmax(logits.float(), dim=-1), targets,
+                                           item.seq.params.prompt_logprobs)
+            out.append(entries)
         return out
 
     def _verify(self, logits: torch.Tensor, requests: list[SampleRequest], drafts: list[int]):
@@ -320,9 +321,12 @@ class ModelRunner:
             query_start.append(query_start[-1] + item.num_new_tokens)
             seq_lens.append(end)
             logit_rows += range(query_start[-1] - item.num_logits, query_start[-1])
-        prompt_rows = [(row, row + stop - start) for chunks in _prompt_chunks(batch) for start, stop, row in chunks or ()]
-        return StepInputs(ids, positions, slots, query_start, seq_lens, [item.seq.block_table for item in batch.scheduled],
-                          logit_rows, prompt_rows, list(batch.block_copies))
+        # Only the other ranks of a tensor-parallel group need these (rank 0 scores the chunks in _prompt_logprobs).
+        prompt_rows = [(row, row + stop - start) for chunks in _prompt_chunks(batch) if chunks
+                       for start, stop, row in chunks] if self.workers else []
+        tables = [item.seq.block_table for item in batch.scheduled]
+        return StepInputs(ids, positions, slots, query_start, seq_lens, tables, logit_rows, prompt_rows,
+                          list(batch.block_copies))
 
     def to_device(self, values: list[int]) -> torch.Tensor:
         """An int64 tensor on the device. On a GPU it goes through pinned memory with an asynchronous copy:

@@ -154,12 +154,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config, activation, tp: TensorParallel):
+    """gate/up/down: the dense models' MLP, and the shared expert of a Qwen2-MoE layer."""
+
+    def __init__(self, hidden: int, intermediate: int, activation, tp: TensorParallel):
         super().__init__()
-        first, inter = tp.split(config.intermediate_size, "intermediate size")
-        self.gate_up_proj = MergedLinear(config.hidden_size, [inter] * 2, bias=False, shard_starts=[first] * 2,
-                                         checkpoint_sizes=[config.intermediate_size] * 2)
-        self.down_proj = row_parallel(Linear(inter, config.hidden_size, bias=False), tp)
+        first, inter = tp.split(intermediate, "intermediate size")
+        self.gate_up_proj = MergedLinear(hidden, [inter] * 2, bias=False, shard_starts=[first] * 2,
+                                         checkpoint_sizes=[intermediate] * 2)
+        self.down_proj = row_parallel(Linear(inter, hidden, bias=False), tp)
         self.activation = activation
 
     def forward(self, x):
@@ -182,7 +184,12 @@ class DecoderLayer(nn.Module):
             raise ValueError(f"Activation {act_name!r} is not supported (supported: {sorted(ACTIVATIONS)})")
         activation = ACTIVATIONS[act_name]
         self.self_attn = Attention(config, layer, backend_id, tp)
-        self.mlp = SparseMoeBlock(config, activation, tp) if _is_sparse(config, layer) else MLP(config, activation, tp)
+        if _is_sparse(config, layer):
+            shared = getattr(config, "shared_expert_intermediate_size", 0)
+            shared = MLP(config.hidden_size, shared, activation, tp) if shared else None
+            self.mlp = SparseMoeBlock(config, activation, tp, shared)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, activation, tp)
         self.layer_type = layer_types(config)[layer]
         gemma = config.model_type in GEMMA
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, gemma)
@@ -214,7 +221,7 @@ class LlamaForCausalLM(nn.Module):
         per_type = isinstance(config.rope_parameters, dict) and "full_attention" in config.rope_parameters
         kinds = sorted(set(layer_types(config))) if per_type else [None]
         self.rotary = nn.ModuleDict({kind or "all": Rotary(config, max_model_len, kind) for kind in kinds})
-        self.max_model_len = max_model_len
+        self.max_model_len, self.long_rope_after = max_model_len, kinds == [None] and self.rotary["all"].long_after
         self.lm_head = Linear(config.hidden_size, self.embed_tokens.rows, bias=False)  # vocab-parallel too
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -239,8 +246,7 @@ class LlamaForCausalLM(nn.Module):
     def rope_table_offset(self, seq_len: int) -> int:
         """Where a sequence of `seq_len` tokens finds its RoPE rows: past the short table once a longrope model's
         sequence outgrows the original context, as transformers switches factors by the sequence's length."""
-        long_after = self.rotary["all"].long_after if "all" in self.rotary else None
-        return self.max_model_len if long_after and seq_len > long_after else 0
+        return self.max_model_len if self.long_rope_after and seq_len > self.long_rope_after else 0
 
     # Checkpoint name fragment -> (our fused parameter, shard index); weights.py uses it.
     stacked_params = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),

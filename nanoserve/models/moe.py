@@ -19,14 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..linear import Linear, MergedLinear, row_parallel
 
 
 class SparseMoeBlock(nn.Module):
     """Under tensor parallelism every rank holds every expert, each cut to its slice of the expert width (like the
-    dense MLP: gate/up rows, down columns), and the partial outputs are summed over the ranks."""
+    dense MLP: gate/up rows, down columns), and the partial outputs are summed over the ranks. `shared_expert`:
+    Qwen2-MoE's dense MLP that every token also passes through (built by the model, like its other MLPs)."""
 
-    def __init__(self, config, activation, tp):
+    def __init__(self, config, activation, tp, shared_expert: nn.Module | None = None):
         super().__init__()
         hidden = config.hidden_size
         self.num_experts = getattr(config, "num_local_experts", None) or config.num_experts
@@ -38,34 +38,16 @@ class SparseMoeBlock(nn.Module):
         self.w13 = nn.Parameter(torch.empty(self.num_experts, 2 * inter, hidden))
         self.w2 = nn.Parameter(torch.empty(self.num_experts, hidden, inter))
         self.w13.shard, self.w2.shard = (1, first), (2, first)  # where this rank's slice starts in the checkpoint
-        shared = getattr(config, "shared_expert_intermediate_size", 0)
-        if shared:
-            self.shared_expert = DenseMLP(hidden, shared, activation, tp)
+        self.shared_expert = shared_expert
+        if shared_expert is not None:
             self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
-        self.shared = bool(shared)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = route(self.gate(x), self.top_k, self.renormalize)
         out = self.tp.all_reduce(run_experts(x, self.w13, self.w2, weights.to(x.dtype), experts, self.activation))
-        if self.shared:
+        if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
-
-
-class DenseMLP(nn.Module):
-    """gate/up/down, as the dense models' MLP: here the shared expert."""
-
-    def __init__(self, hidden: int, inter: int, activation, tp):
-        super().__init__()
-        first, local = tp.split(inter, "shared expert intermediate size")
-        self.gate_up_proj = MergedLinear(hidden, [local, local], bias=False, shard_starts=[first] * 2,
-                                         checkpoint_sizes=[inter] * 2)
-        self.down_proj = row_parallel(Linear(local, hidden, bias=False), tp)
-        self.activation = activation
-
-    def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.activation(gate) * up)
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
