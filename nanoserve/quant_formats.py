@@ -1,9 +1,11 @@
 """Quantized checkpoint formats: how each stores a linear layer, and how to get the weight back.
 
 Each format class (a `QuantMethod` of quantization.py) names the tensors a quantized layer has in the checkpoint
-(`tensor_suffixes`), the layers it leaves in full precision (`covers`), and turns one projection's tensors into
-its weight [out, in] (`dequantize`); `finalize` does that for every shard of a fused layer (q, k, v of qkv_proj)
-and checks the shape against the model's. Layouts, W being the torch weight [out, in] and b the bits:
+(`tensor_suffixes`) and the layers it leaves in full precision (`covers`). `finalize` takes every shard of a
+layer (q, k, v of qkv_proj) and either builds the layer's kernel (`kernel`: int4 from the integer formats'
+values, zero points and scales, `integer_form`; FP8; int8) or turns the shards into the weight [out, in]
+(`dequantize`), and checks the shape against the model's. Layouts, W being the torch weight [out, in] and b the
+bits:
 - compressed-tensors `pack-quantized`: weight_packed int32 [out, in*b/32], value j of a word in bits
   [j*b, (j+1)*b), stored as q + 2**(b-1); weight_scale [out, groups] (or [out, 1]); asymmetric: weight_zero_point
   packed the same way along `out`; weight_g_idx maps columns to groups under act-order. W = (q - zp) * scale.
@@ -19,7 +21,7 @@ import re
 
 import torch
 
-from .quantization import Int8Kernel, QuantMethod
+from .quantization import Fp8Kernel, Int4Kernel, Int8Kernel, QuantMethod, fp8_kernel_fits, int4_kernel_fits
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
@@ -45,33 +47,67 @@ def _groups(n_in: int, group_size: int | None, g_idx: torch.Tensor | None) -> to
 
 
 class CheckpointMethod(QuantMethod):
+    bits = None  # set by the integer formats; 4 takes the int4 kernel on a GPU
+
+    def __init__(self):
+        self.placed = {}  # what each layer became: its kernel's name, or "dequantized"
+
     def finalize(self, layer, shards: list[dict[str, torch.Tensor]], name: str = "") -> None:
         try:
-            weight = torch.cat([self.dequantize(shard) for shard in shards])
+            kernel = self.kernel(shards, layer.weight.device, layer.bias)
+            weight = None if kernel is not None else torch.cat([self.dequantize(shard) for shard in shards])
         except KeyError as missing:
             raise ValueError(f"Checkpoint layer {name} lacks the tensor {missing} that {self.name} needs") from None
         except (RuntimeError, IndexError) as exc:  # shapes that do not fit together
             raise ValueError(f"Checkpoint layer {name} has tensors of the wrong shape for {self.name}: "
                              f"{str(exc)[:200]}") from None
-        if weight.shape != layer.weight.shape:
-            raise ValueError(f"Checkpoint layer {name} dequantizes to {list(weight.shape)}, the model expects "
+        shape = tuple(kernel.shape if kernel is not None else weight.shape)
+        if shape != tuple(layer.weight.shape):
+            raise ValueError(f"Checkpoint layer {name} dequantizes to {list(shape)}, the model expects "
                              f"{list(layer.weight.shape)}")
+        self.placed[name] = type(kernel).__name__ if kernel is not None else "dequantized"
+        if kernel is not None:
+            layer.kernel, layer.weight = kernel, None
+            return
         with torch.no_grad():
             layer.weight.copy_(weight)
 
-    def dequantize(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    def kernel(self, shards: list[dict[str, torch.Tensor]], device: torch.device, bias):
+        """The kernel that computes this layer on `device` from its checkpoint tensors, or None to dequantize."""
+        if self.bits != 4 or not int4_kernel_fits(device):
+            return None
+        forms = [self.integer_form(shard) for shard in shards]
+        if any(not torch.equal(form[3], forms[0][3]) for form in forms):
+            return None  # act-order shards whose columns are grouped differently: one gather cannot serve all
+        q, zero, scale = (torch.cat([form[i] for form in forms]) for i in range(3))
+        return Int4Kernel.make(q, zero, scale, forms[0][3], bias, device)
+
+    def integer_form(self, tensors: dict[str, torch.Tensor]):
+        """(q [out, in], zero [out, groups], scale [out, groups], group of each input column [in]), q and zero
+        unsigned, W = (q - zero) * scale by group."""
         raise NotImplementedError
 
+    def dequantize(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        q, zero, scale, groups = self.integer_form(tensors)
+        return (q - zero.float()[:, groups]) * scale.float()[:, groups]
+
     def describe(self) -> str:
-        return f"{self.name} (dequantized at load)"
+        counts = {}
+        for placed in self.placed.values():
+            counts[placed] = counts.get(placed, 0) + 1
+        where = ", ".join(f"{n} layers {'dequantized at load' if k == 'dequantized' else 'on ' + k}"
+                          for k, n in sorted(counts.items()))
+        return f"{self.name} ({where or 'no layers'})"
 
 
 class CompressedTensors(CheckpointMethod):
     """What llm-compressor writes. One config group targeting Linear layers; `ignore` stays full precision.
-    W8A8 int8 runs on the int8 weight-only kernel (activations in full precision); the others dequantize."""
+    W8A8 int8 runs on the int8 kernel (activations rounded to int8 first), FP8 on `_scaled_mm` where it runs, 4-bit
+    on tinygemm on a GPU; the rest is dequantized."""
     FORMATS = ("pack-quantized", "int-quantized", "float-quantized")
 
     def __init__(self, config: dict):
+        super().__init__()
         groups = list((config.get("config_groups") or {}).values())
         self.format = config.get("format")
         if self.format not in self.FORMATS or len(groups) != 1 or groups[0].get("targets") != ["Linear"]:
@@ -85,7 +121,9 @@ class CompressedTensors(CheckpointMethod):
         self.ignore = config.get("ignore") or []
         self.int8_kernel = self.format == "int-quantized" and self.weights.get("num_bits") == 8
         bits, kind = self.weights.get("num_bits"), self.weights.get("type")
-        act = "A8" if groups[0].get("input_activations") else "A16"
+        self.bits = bits if self.format == "pack-quantized" else None
+        self.activations = groups[0].get("input_activations")
+        act = "A8" if self.activations else "A16"
         self.name = f"compressed-tensors {self.format} W{bits}{act} ({kind}, {self.weights['strategy']})"
         suffixes = ["weight_scale", "weight_zero_point", "weight_g_idx", "input_scale"]
         suffixes += ["weight_packed", "weight_shape"] if self.format == "pack-quantized" else ["weight"]
@@ -99,36 +137,59 @@ class CompressedTensors(CheckpointMethod):
                 return False
         return True
 
-    def dequantize(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    def integer_form(self, t: dict[str, torch.Tensor]):
+        (out, n_in), offset = t["weight_shape"].tolist(), 1 << (self.bits - 1)
+        q = unpack(t["weight_packed"], self.bits)[:, :n_in]
         scale = t["weight_scale"].float()
-        if self.format != "pack-quantized":
-            weight = t["weight"].float()
-            return weight * (scale if scale.dim() == 2 else scale.reshape(-1)[0])
-        bits, (out, n_in) = self.weights["num_bits"], t["weight_shape"].tolist()
-        offset = 1 << (bits - 1)
-        q = unpack(t["weight_packed"], bits)[:, :n_in] - offset
         zero = t.get("weight_zero_point")
         if zero is None:
-            zero = torch.zeros_like(scale)
+            zero = torch.full(scale.shape, offset)
         elif zero.dtype == torch.int32 and zero.shape[0] != out:  # packed along `out`
-            zero = unpack(zero.t(), bits).t()[:out] - offset
-        groups = _groups(n_in, self.weights.get("group_size") if self.weights["strategy"] == "group" else None,
-                         t.get("weight_g_idx"))
-        if scale.shape[1] == 1:
-            return (q - zero.float()) * scale
-        return (q - _by_group(zero.float(), groups)) * _by_group(scale, groups)
+            zero = unpack(zero.t(), self.bits).t()[:out]
+        else:
+            zero = zero + offset
+        strategy = self.weights["strategy"]
+        return q, zero, scale, _groups(n_in, self.weights.get("group_size") if strategy == "group" else None,
+                                       t.get("weight_g_idx"))
 
-    def finalize(self, layer, shards, name: str = "") -> None:
-        super().finalize(layer, shards, name)
+    def dequantize(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.format == "pack-quantized":
+            return super().dequantize(t)
+        scale = t["weight_scale"].float()
+        return t["weight"].float() * (scale if scale.dim() == 2 else scale.reshape(-1)[0])
+
+    def kernel(self, shards, device, bias):
+        activations = self.activations or {}
+        per_token = activations.get("strategy") == "token"
         if self.int8_kernel:  # the checkpoint's int8 values and per-channel scales, exactly
+            weight = torch.cat([self.dequantize(s) for s in shards]).to(device)
             scale = torch.cat([s["weight_scale"].float().reshape(-1).expand(s["weight"].shape[0]) for s in shards])
-            layer.kernel = Int8Kernel(layer.weight.detach(), layer.bias, scale)
-            layer.weight = None
+            return Int8Kernel(weight, bias, scale.to(device), bool(self.activations), per_token,
+                              static_input_scale(shards))
+        if self.format == "float-quantized" and fp8_kernel_fits(device):
+            return fp8_kernel(shards, device, bias, per_token)
+        return super().kernel(shards, device, bias)
 
     def describe(self) -> str:
         if self.int8_kernel:
-            return f"{self.name}: int8 weight-only kernel, activations in full precision"
+            return f"{super().describe()}: activations rounded to int8, on the int8 weight kernel"
         return super().describe()
+
+
+def fp8_kernel(shards, device, bias, per_token: bool):
+    """An Fp8Kernel from FP8 checkpoint shards (per-tensor or per-channel `weight_scale`, optional static
+    `input_scale`), or None where `_scaled_mm`'s shape rule (both dimensions multiples of 16) does not hold."""
+    weight = torch.cat([s["weight"] for s in shards])
+    if weight.dtype != torch.float8_e4m3fn or weight.shape[0] % 16 or weight.shape[1] % 16:
+        return None
+    scale = torch.cat([s["weight_scale"].float().reshape(-1).expand(s["weight"].shape[0]) for s in shards])
+    return Fp8Kernel(weight.to(device), scale, bias, static_input_scale(shards), per_token)
+
+
+def static_input_scale(shards) -> torch.Tensor | None:
+    """A static activation scale: the shards of one layer share their input, so the largest serves them all."""
+    scales = [s["input_scale"].float().reshape(()) for s in shards if "input_scale" in s]
+    return torch.stack(scales).max() if scales else None
 
 
 class Fp8Checkpoint(CheckpointMethod):
@@ -137,7 +198,9 @@ class Fp8Checkpoint(CheckpointMethod):
     tensor_suffixes = (".weight", ".weight_scale", ".weight_scale_inv", ".input_scale")
 
     def __init__(self, config: dict):
+        super().__init__()
         self.block = config.get("weight_block_size")
+        self.static = config.get("activation_scheme") == "static"
         self.ignore = set(config.get("modules_to_not_convert") or []) | {"lm_head"}
         self.name = "fp8" + (f" ({self.block[0]}x{self.block[1]} blocks)" if self.block else "")
 
@@ -152,6 +215,13 @@ class Fp8Checkpoint(CheckpointMethod):
         scale = t["weight_scale_inv"].float().repeat_interleave(rows, 0).repeat_interleave(cols, 1)
         return weight * scale[:weight.shape[0], :weight.shape[1]]
 
+    def kernel(self, shards, device, bias):
+        if self.block is not None or not fp8_kernel_fits(device):
+            return None  # block scales: no torch kernel takes them yet
+        if not self.static:
+            shards = [{k: v for k, v in s.items() if k != "input_scale"} for s in shards]
+        return fp8_kernel(shards, device, bias, per_token=False)
+
 
 class Gptq(CheckpointMethod):
     """quant_method "gptq" (AutoGPTQ / GPTQModel): 2, 4 or 8 bits, group-wise, act-order via g_idx, the v1 or
@@ -159,6 +229,7 @@ class Gptq(CheckpointMethod):
     tensor_suffixes = (".qweight", ".qzeros", ".scales", ".g_idx")
 
     def __init__(self, config: dict):
+        super().__init__()
         self.bits, self.group_size = config.get("bits"), config.get("group_size", -1)
         self.v2 = config.get("checkpoint_format", "gptq") == "gptq_v2"
         self.skip = set(config.get("modules_to_not_convert") or []) | {"lm_head"}
@@ -167,11 +238,10 @@ class Gptq(CheckpointMethod):
     def covers(self, layer_name: str) -> bool:
         return not any(layer_name == m or layer_name.endswith("." + m) for m in self.skip)
 
-    def dequantize(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
-        q = unpack(t["qweight"].t(), self.bits).t()  # [in, out]
-        zeros = unpack(t["qzeros"], self.bits)[:, :q.shape[1]] + (0 if self.v2 else 1)  # [groups, out]
-        groups = _groups(q.shape[0], self.group_size, t.get("g_idx"))
-        return ((q - zeros[groups]) * t["scales"].float()[groups]).t()
+    def integer_form(self, t: dict[str, torch.Tensor]):
+        q = unpack(t["qweight"].t(), self.bits)  # [out, in]
+        zeros = unpack(t["qzeros"], self.bits)[:, :q.shape[0]] + (0 if self.v2 else 1)  # [groups, out]
+        return q, zeros.t(), t["scales"].float().t(), _groups(q.shape[1], self.group_size, t.get("g_idx"))
 
 
 class Awq(CheckpointMethod):
@@ -179,6 +249,7 @@ class Awq(CheckpointMethod):
     tensor_suffixes = (".qweight", ".qzeros", ".scales")
 
     def __init__(self, config: dict):
+        super().__init__()
         self.bits, self.group_size = config.get("bits", config.get("w_bit")), config.get("group_size",
                                                                                            config.get("q_group_size"))
         version = str(config.get("version", "gemm")).lower()
@@ -191,12 +262,11 @@ class Awq(CheckpointMethod):
     def covers(self, layer_name: str) -> bool:
         return not any(layer_name == m or layer_name.endswith("." + m) for m in self.skip)
 
-    def dequantize(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    def integer_form(self, t: dict[str, torch.Tensor]):
         order = torch.tensor(AWQ_ORDER).argsort()  # nibble k holds column ORDER[k]: put columns back in place
 
         def columns(packed: torch.Tensor) -> torch.Tensor:
             values = unpack(packed, 4).view(packed.shape[0], -1, 8)
             return values[:, :, order].flatten(1)
         q, zeros = columns(t["qweight"]), columns(t["qzeros"])  # [in, out], [groups, out]
-        groups = torch.arange(q.shape[0]) // self.group_size
-        return ((q - zeros[groups]) * t["scales"].float()[groups]).t()
+        return q.t(), zeros.t(), t["scales"].float().t(), torch.arange(q.shape[0]) // self.group_size

@@ -28,7 +28,7 @@ from .lora import LoRAManager
 from .parallel import (EngineDeadError, TensorParallel, check_parallel_support, check_workers, send_step,
                        start_workers, stop_workers)
 from .pooling import Pooler
-from .quantization import OnTheFlyInt8, make_method, quantize_model, weight_bytes
+from .quantization import make_method, quantize_model, weight_bytes
 from .sampling import SampleRequest, SamplingParams, logprob_entries, logprob_entry, sample, target_probs
 from .scheduler import Batch, ScheduledSeq, Sequence, rejection_sample
 from .weights import load_weights
@@ -80,7 +80,7 @@ class ModelRunner:
         num_kv_heads = tp.kv_heads(hf.num_key_value_heads)[1]
         self.kv_shape = (hf.num_hidden_layers, 2, config.block_size, num_kv_heads, head_dim)  # per block, this rank
         self.attention = self._make_attention(num_heads, num_kv_heads, head_dim, attention_specs(hf))
-        self.quant_method = make_method(config.quantization, hf)
+        self.quant_method = make_method(config.quantization, hf, self.device)
         start = time.perf_counter()
         with torch.device(self.device), _default_dtype(self.dtype):
             model = model_class(hf)(hf, register_backend(self.attention), config.max_model_len, tp)
@@ -89,7 +89,7 @@ class ModelRunner:
         else:  # an embedding checkpoint has no lm_head: it is never used
             optional = {"lm_head.weight"} if config.runner == "pooling" else set()
             load_weights(model, model_dir, optional, self.quant_method)
-        if isinstance(self.quant_method, OnTheFlyInt8):
+        if self.quant_method is not None and self.quant_method.on_the_fly:
             quantize_model(model, self.quant_method)
         # Compiled or graphed: LoRA in one shape for any mix of adapters (lora.py, "static").
         static = config.compile_model or bool(config.cudagraph_capture_sizes)

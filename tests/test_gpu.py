@@ -22,6 +22,8 @@ time is torch.compile, so LLM instances are few and the bf16 engine with graphs 
 """
 import functools
 import gc
+import os
+import shutil
 import random
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -534,3 +536,55 @@ def test_kv_cache_sized_by_profiling(flashinfer, bf16_model_dir):
     assert block_manager.num_free_blocks == runner.num_blocks, "KV blocks leaked"
     del llm, runner, block_manager
     _free_gpu_memory()
+
+
+# ------------------------------------------------------------------------- 6. quantized kernels on the GPU
+
+QUANT_DATA = os.path.join(os.path.dirname(__file__), "data", "quant")  # see tests/test_quantization.py
+QUANT_PROMPTS = [[5, 9, 33, 71, 102, 7, 250], [300, 301, 302, 303], [42] * 9]
+
+
+def _quantized_checkpoint(name: str, path) -> str:
+    shutil.copytree(os.path.join(QUANT_DATA, name), path)
+    for file in os.listdir(os.path.join(QUANT_DATA, "tokenizer")):
+        shutil.copy(os.path.join(QUANT_DATA, "tokenizer", file), path)
+    return str(path)
+
+
+def _quantized_logprobs(llm, prompts: list[list[int]]) -> list[float]:
+    """Teacher-forced prompt logprobs, one prompt at a time (dynamic per-tensor FP8 scales span a whole step)."""
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    out = []
+    for ids in prompts:
+        entries = llm.generate([ids], params, use_tqdm=False)[0].prompt_logprobs[1:]
+        out += [entry[t].logprob for entry, t in zip(entries, ids[1:])]
+    return out
+
+
+@pytest.mark.parametrize("name, kernel", [
+    ("llama-gptq-w4-g32-sym-descact", "Int4Kernel"), ("qwen2-ct-w4a16-g32-asym", "Int4Kernel"),
+    ("llama-awq-w4-g32", "Int4Kernel"), ("llama-ct-w4a16-ch-asym", "Int4Kernel"),
+    ("llama-ct-fp8-dynamic", "Fp8Kernel"), ("qwen2-ct-fp8-static", "Fp8Kernel"), ("llama-ct-w8a8-int", "Int8Kernel"),
+    ("on the fly: fp8", "Fp8Kernel"), ("on the fly: int8", "Int8Kernel")])
+def test_quantized_kernels_on_gpu_match_their_cpu_twins(name, kernel, tmp_path, monkeypatch, llama_dir):
+    """On the GPU, 4-bit checkpoints run tinygemm (`_weight_int4pack_mm`, bf16 activations), FP8 `_scaled_mm`
+    (compute capability 8.9+), int8 `_weight_int8pack_mm`, all under torch.compile. The CPU engine runs the same
+    kernels' CPU twins in float32, which tests/test_quantization.py checks against transformers and
+    compressed-tensors. A wrong packing, zero point, gather or scale is off by nats; bf16 activations by
+    hundredths."""
+    from nanoserve import quantization
+    if kernel == "Fp8Kernel" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 matmuls need compute capability 8.9+")
+    monkeypatch.setattr(quantization, "KERNEL_DEVICES", ("cuda", "cpu"))
+    on_the_fly = name.startswith("on the fly")
+    path = llama_dir if on_the_fly else _quantized_checkpoint(name, tmp_path / "q")
+    extra = dict(quantization=name.split()[-1]) if on_the_fly else {}
+    gpu = LLM(path, device="cuda", dtype="float32", num_gpu_blocks_override=256, **extra)
+    kernels = {type(m.kernel).__name__ for m in gpu.engine.runner.model.modules() if hasattr(m, "kernel")}
+    assert kernel in kernels and gpu.engine.runner.forward_model is not gpu.engine.runner.model  # compiled
+    on_gpu = _quantized_logprobs(gpu, QUANT_PROMPTS)
+    del gpu
+    _free_gpu_memory()
+    on_cpu = _quantized_logprobs(LLM(path, device="cpu", **extra), QUANT_PROMPTS)
+    errors = [abs(a - b) for a, b in zip(on_gpu, on_cpu)]
+    assert sum(errors) / len(errors) < 0.05 and max(errors) < 0.5, errors
