@@ -561,17 +561,18 @@ def _quantized_logprobs(llm, prompts: list[list[int]]) -> list[float]:
     return out
 
 
-@pytest.mark.parametrize("name, kernel", [
-    ("llama-gptq-w4-g32-sym-descact", "Int4Kernel"), ("qwen2-ct-w4a16-g32-asym", "Int4Kernel"),
-    ("llama-awq-w4-g32", "Int4Kernel"), ("llama-ct-w4a16-ch-asym", "Int4Kernel"),
-    ("llama-ct-fp8-dynamic", "Fp8Kernel"), ("qwen2-ct-fp8-static", "Fp8Kernel"), ("llama-ct-w8a8-int", "Int8Kernel"),
-    ("on the fly: fp8", "Fp8Kernel"), ("on the fly: int8", "Int8Kernel")])
-def test_quantized_kernels_on_gpu_match_their_cpu_twins(name, kernel, tmp_path, monkeypatch, llama_dir):
+@pytest.mark.parametrize("name, kernel, compiled", [
+    ("llama-gptq-w4-g32-sym-descact", "Int4Kernel", True), ("qwen2-ct-w4a16-g32-asym", "Int4Kernel", False),
+    ("llama-awq-w4-g32", "Int4Kernel", False), ("llama-ct-w4a16-ch-asym", "Int4Kernel", False),
+    ("llama-ct-fp8-dynamic", "Fp8Kernel", True), ("qwen2-ct-fp8-static", "Fp8Kernel", False),
+    ("llama-ct-w8a8-int", "Int8Kernel", False), ("on the fly: fp8", "Fp8Kernel", False),
+    ("on the fly: int8", "Int8Kernel", True)])
+def test_quantized_kernels_on_gpu_match_their_cpu_twins(name, kernel, compiled, tmp_path, monkeypatch, llama_dir):
     """On the GPU, 4-bit checkpoints run tinygemm (`_weight_int4pack_mm`, bf16 activations), FP8 `_scaled_mm`
-    (compute capability 8.9+), int8 `_weight_int8pack_mm`, all under torch.compile. The CPU engine runs the same
-    kernels' CPU twins in float32, which tests/test_quantization.py checks against transformers and
-    compressed-tensors. A wrong packing, zero point, gather or scale is off by nats; bf16 activations by
-    hundredths."""
+    (compute capability 8.9+), int8 `_weight_int8pack_mm`; one case of each under torch.compile, the others
+    eager (compiling costs the most GPU time). The CPU engine runs the same kernels' CPU twins in float32, which
+    tests/test_quantization.py checks against transformers and compressed-tensors. A wrong packing, zero point,
+    gather or scale is off by nats; bf16 activations by hundredths."""
     from nanoserve import quantization
     if kernel == "Fp8Kernel" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 matmuls need compute capability 8.9+")
@@ -579,9 +580,10 @@ def test_quantized_kernels_on_gpu_match_their_cpu_twins(name, kernel, tmp_path, 
     on_the_fly = name.startswith("on the fly")
     path = llama_dir if on_the_fly else _quantized_checkpoint(name, tmp_path / "q")
     extra = dict(quantization=name.split()[-1]) if on_the_fly else {}
-    gpu = LLM(path, device="cuda", dtype="float32", num_gpu_blocks_override=256, **extra)
+    gpu = LLM(path, device="cuda", dtype="float32", num_gpu_blocks_override=256, enforce_eager=not compiled,
+              **extra)
     kernels = {type(m.kernel).__name__ for m in gpu.engine.runner.model.modules() if hasattr(m, "kernel")}
-    assert kernel in kernels and gpu.engine.runner.forward_model is not gpu.engine.runner.model  # compiled
+    assert kernel in kernels and (gpu.engine.runner.forward_model is not gpu.engine.runner.model) == compiled
     on_gpu = _quantized_logprobs(gpu, QUANT_PROMPTS)
     del gpu
     _free_gpu_memory()
