@@ -17,6 +17,7 @@ bits:
   0, 2, 4, 6, 1, 3, 5, 7; scales [groups, out]. W^T = (q - z[row // group]) * scales[row // group].
 Anything else (other formats, schemes, bit widths, layouts) fails at start-up with an error that names it.
 """
+import contextlib
 import re
 
 import torch
@@ -53,14 +54,9 @@ class CheckpointMethod(QuantMethod):
         self.placed = {}  # what each layer became: its kernel's name, or "dequantized"
 
     def finalize(self, layer, shards: list[dict[str, torch.Tensor]], name: str = "") -> None:
-        try:
+        with self._checked(name):
             kernel = self.kernel(shards, layer.weight.device, layer.bias)
             weight = None if kernel is not None else torch.cat([self.dequantize(shard) for shard in shards])
-        except KeyError as missing:
-            raise ValueError(f"Checkpoint layer {name} lacks the tensor {missing} that {self.name} needs") from None
-        except (RuntimeError, IndexError) as exc:  # shapes that do not fit together
-            raise ValueError(f"Checkpoint layer {name} has tensors of the wrong shape for {self.name}: "
-                             f"{str(exc)[:200]}") from None
         shape = tuple(kernel.shape if kernel is not None else weight.shape)
         if shape != tuple(layer.weight.shape):
             raise ValueError(f"Checkpoint layer {name} dequantizes to {list(shape)}, the model expects "
@@ -71,6 +67,24 @@ class CheckpointMethod(QuantMethod):
             return
         with torch.no_grad():
             layer.weight.copy_(weight)
+
+    def expert_weight(self, tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        """An MoE expert's projection, dequantized: the experts run as one stacked full-precision tensor."""
+        with self._checked(name):
+            weight = self.dequantize(tensors)
+        self.placed[name] = "dequantized"
+        return weight
+
+    @contextlib.contextmanager
+    def _checked(self, name: str):
+        """Checkpoint tensors that are missing or do not fit together become a start-up error naming the layer."""
+        try:
+            yield
+        except KeyError as missing:
+            raise ValueError(f"Checkpoint layer {name} lacks the tensor {missing} that {self.name} needs") from None
+        except (RuntimeError, IndexError) as exc:
+            raise ValueError(f"Checkpoint layer {name} has tensors of the wrong shape for {self.name}: "
+                             f"{str(exc)[:200]}") from None
 
     def kernel(self, shards: list[dict[str, torch.Tensor]], device: torch.device, bias):
         """The kernel that computes this layer on `device` from its checkpoint tensors, or None to dequantize."""

@@ -19,7 +19,7 @@ from .models.moe import copy_expert_tensor
 def load_weights(model: torch.nn.Module, model_dir: str, optional: set[str] = frozenset(), method=None) -> None:
     """Fill `model` from the checkpoint; every parameter but those in `optional` must be there. With a checkpoint
     quantization `method` (quantization.py), a quantized layer's tensors are collected per shard and handed to
-    `method.finalize` once all are read."""
+    `method.finalize` once all are read; a quantized MoE expert's are dequantized into the experts' stack."""
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"No *.safetensors files in {model_dir}")
@@ -40,6 +40,9 @@ def load_weights(model: torch.nn.Module, model_dir: str, optional: set[str] = fr
         if target is not None:
             loaded.add(target)
     for layer, shards in quantized.items():
+        if ".experts." in layer:  # an MoE expert's projection: a slice of a stacked tensor, not a layer
+            loaded.add(_copy_tensor(model, params, f"{layer}.weight", method.expert_weight(shards[0], layer)))
+            continue
         module = model.get_submodule(layer)
         if sorted(shards) != list(range(len(getattr(module, "shard_sizes", [0])))):
             raise ValueError(f"Checkpoint in {model_dir} lacks some of {layer}'s projections")
@@ -58,6 +61,8 @@ def _quantized_place(model, method, name: str) -> tuple[str, int, str] | None:
     layer, shard = name[:-len(suffix)], 0
     if not method.covers(layer):
         return None
+    if ".experts." in layer:  # an expert's projection, named as in the checkpoint
+        return layer, 0, suffix
     for fragment, (fused, index) in model.stacked_params.items():
         if layer.endswith(f".{fragment}"):
             layer, shard = layer[:-len(fragment)] + fused, index

@@ -1,6 +1,6 @@
 """Write tiny random quantized checkpoints with the formats' own tools.
 
-    python make_checkpoints.py OUT_DIR [--archs llama,qwen2,qwen3] [--only SUBSTR,...]
+    python make_checkpoints.py OUT_DIR [--archs llama,qwen2,qwen3,qwen3_moe] [--only SUBSTR,...]
 
 For each arch it first writes OUT_DIR/<arch>-base (the fp32 model from
 tests/conftest.py `make_tiny_model`: hidden 64, 2 layers, 4 heads, 2 kv heads,
