@@ -198,6 +198,10 @@ def test_bad_checkpoints_fail_at_start_up(tmp_path):
     missing = corrupt(tmp_path / "a", "llama-ct-w4a16-g32-sym", lambda t: t.pop("model." + scale))
     with pytest.raises(ValueError, match="lacks the tensor 'weight_scale'"):
         LLM(missing)
+    expert = "model.layers.1.mlp.experts.5.up_proj.weight_scale"
+    moe = corrupt(tmp_path / "c", "qwen3_moe-ct-w4a16-g32-asym", lambda t: t.pop(expert))
+    with pytest.raises(ValueError, match="layers.1.mlp.experts.5.up_proj lacks the tensor 'weight_scale'"):
+        LLM(moe)
     packed = "model.layers.1.mlp.down_proj.weight_packed"
     shape = corrupt(tmp_path / "b", "llama-ct-w4a16-g32-sym", lambda t: t.update({packed: t[packed][:5]}))
     with pytest.raises(ValueError, match="layers.1.mlp.down_proj has tensors of the wrong shape"):
