@@ -49,7 +49,7 @@ class LoRALayer:
         shards = getattr(linear, "shard_sizes", [linear.out_features])
         self.manager, self.shard_sizes, self.rank = manager, shards, max_rank
         self.width = w = len(shards) * max_rank  # a slot's columns
-        dtype, device = linear.weight.dtype, linear.weight.device
+        dtype, device = manager.dtype, manager.device  # not the layer's weight: a quantized layer has none
         self.a = torch.zeros(max_loras * w, linear.in_features, dtype=dtype, device=device)
         self.b = torch.zeros(linear.out_features, max_loras * w, dtype=dtype, device=device)
         self.column_slot = torch.arange(max_loras, device=device).repeat_interleave(w)  # the slot of each column
@@ -83,8 +83,8 @@ class LoRAManager:
     def __init__(self, model: torch.nn.Module, max_loras: int, max_rank: int, max_tokens: int, static: bool = False):
         from .linear import Linear
         self.max_loras, self.max_rank, self.static = max_loras, max_rank, static
-        device = next(model.parameters()).device
-        self.token_slots = torch.full((max_tokens,), -1, dtype=torch.long, device=device)  # static: refilled in place
+        self.dtype, self.device = next(model.parameters()).dtype, next(model.parameters()).device
+        self.token_slots = torch.full((max_tokens,), -1, dtype=torch.long, device=self.device)  # static: refilled
         self.layers: dict[str, LoRALayer] = {}
         for name, module in model.named_modules():
             if isinstance(module, Linear) and name.rsplit(".", 1)[-1] in {t for t, _ in TARGETS.values()}:

@@ -52,10 +52,11 @@ class CheckpointMethod(QuantMethod):
 
     def __init__(self):
         self.placed = {}  # what each layer became: its kernel's name, or "dequantized"
+        self.device = torch.device("cpu")  # where the model runs (make_method sets it)
 
     def finalize(self, layer, shards: list[dict[str, torch.Tensor]], name: str = "") -> None:
         with self._checked(name):
-            kernel = self.kernel(shards, layer.weight.device, layer.bias)
+            kernel = self.kernel(shards, self.device, layer.bias)
             weight = None if kernel is not None else torch.cat([self.dequantize(shard) for shard in shards])
         shape = tuple(kernel.shape if kernel is not None else weight.shape)
         if shape != tuple(layer.weight.shape):
@@ -64,9 +65,8 @@ class CheckpointMethod(QuantMethod):
         self.placed[name] = type(kernel).__name__ if kernel is not None else "dequantized"
         if kernel is not None:
             layer.kernel, layer.weight = kernel, None
-            return
-        with torch.no_grad():
-            layer.weight.copy_(weight)
+        else:  # the layer's weight is still on the meta device (runner.py): this is its first memory
+            layer.weight = torch.nn.Parameter(weight.to(self.device, layer.weight.dtype), requires_grad=False)
 
     def expert_weight(self, tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         """An MoE expert's projection, dequantized: the experts run as one stacked full-precision tensor."""

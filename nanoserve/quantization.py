@@ -195,7 +195,9 @@ def make_method(quantization: str | None, hf_config, device: torch.device = torc
     formats = {"compressed-tensors": quant_formats.CompressedTensors, "fp8": quant_formats.Fp8Checkpoint,
                "gptq": quant_formats.Gptq, "awq": quant_formats.Awq}
     if found in formats:
-        return formats[found](checkpoint)
+        method = formats[found](checkpoint)
+        method.device = device
+        return method
     raise ValueError(f"Unsupported quantization method {found!r} in config.json; nanoserve loads "
                      f"{', '.join(CHECKPOINT_FORMATS)} checkpoints and quantizes to {', '.join(ON_THE_FLY)} on the fly")
 

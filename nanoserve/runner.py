@@ -82,13 +82,16 @@ class ModelRunner:
         self.attention = self._make_attention(num_heads, num_kv_heads, head_dim, attention_specs(hf))
         self.quant_method = make_method(config.quantization, hf, self.device)
         start = time.perf_counter()
-        with torch.device(self.device), _default_dtype(self.dtype):
+        # A quantized checkpoint's model is built on the meta device: its quantized layers never hold full-precision
+        # weights (weights.py gives memory to the rest).
+        lazy = self.quant_method is not None and not self.quant_method.on_the_fly and config.load_format != "dummy"
+        with torch.device("meta" if lazy else self.device), _default_dtype(self.dtype):
             model = model_class(hf)(hf, register_backend(self.attention), config.max_model_len, tp)
         if config.load_format == "dummy":
             _dummy_weights(model)
         else:  # an embedding checkpoint has no lm_head: it is never used
             optional = {"lm_head.weight"} if config.runner == "pooling" else set()
-            load_weights(model, model_dir, optional, self.quant_method)
+            load_weights(model, model_dir, optional, self.quant_method, self.device if lazy else None)
         if self.quant_method is not None and self.quant_method.on_the_fly:
             quantize_model(model, self.quant_method)
         # Compiled or graphed: LoRA in one shape for any mix of adapters (lora.py, "static").

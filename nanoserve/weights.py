@@ -16,16 +16,22 @@ from .linear import Linear, MergedLinear
 from .models.moe import copy_expert_tensor
 
 
-def load_weights(model: torch.nn.Module, model_dir: str, optional: set[str] = frozenset(), method=None) -> None:
+def load_weights(model: torch.nn.Module, model_dir: str, optional: set[str] = frozenset(), method=None,
+                 device: torch.device | None = None) -> None:
     """Fill `model` from the checkpoint; every parameter but those in `optional` must be there. With a checkpoint
     quantization `method` (quantization.py), a quantized layer's tensors are collected per shard and handed to
-    `method.finalize` once all are read; a quantized MoE expert's are dequantized into the experts' stack."""
+    `method.finalize` once all are read; a quantized MoE expert's are dequantized into the experts' stack.
+    `device`: the model was built on the meta device, and only what the checkpoint holds in full precision gets
+    memory there, so that a 4-bit model never passes through full precision on its way to the GPU."""
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"No *.safetensors files in {model_dir}")
+    names = [(f, n) for f in files for n in _keys(f)]
+    if device is not None:
+        places = [_quantized_place(model, method, n.removeprefix("model.")) for _, n in names]
+        materialize(model, device, {f"{place[0]}.weight" for place in places if place is not None})
     params = dict(model.named_parameters())
     loaded = set()
-    names = [(f, n) for f in files for n in _keys(f)]
     handles, quantized = {}, {}  # quantized: layer name -> shard index -> tensor suffix -> tensor
     # A bar only on a terminal: in a log file it is a spray of carriage returns.
     for file, name in tqdm(names, desc="Loading weights", unit="tensor", leave=False, disable=not sys.stderr.isatty()):
@@ -51,6 +57,23 @@ def load_weights(model: torch.nn.Module, model_dir: str, optional: set[str] = fr
     missing = set(params) - loaded - optional  # tied lm_head shares embed_tokens' parameter and is not listed apart
     if missing:
         raise ValueError(f"Checkpoint in {model_dir} lacks weights for: {sorted(missing)[:5]}")
+
+
+def materialize(model: torch.nn.Module, device: torch.device, keep_meta: set[str]) -> None:
+    """Give every parameter and buffer of a model built on the meta device memory on `device` (empty: the loader
+    fills it), except the parameters in `keep_meta`, the quantized layers' weights: finalize replaces them."""
+    made = {}  # by id: a tied parameter stays one parameter
+    for module_name, module in model.named_modules():
+        for name, param in list(module._parameters.items()):
+            if param is None or param.device.type != "meta" or f"{module_name}.{name}".lstrip(".") in keep_meta:
+                continue
+            if id(param) not in made:
+                made[id(param)] = torch.nn.Parameter(torch.empty_like(param, device=device), param.requires_grad)
+                made[id(param)].__dict__.update(param.__dict__)  # e.g. `shard` (parallel.py)
+            module._parameters[name] = made[id(param)]
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None:  # computed at construction on the CPU (the rotary tables)
+                module._buffers[name] = buffer.to(device)
 
 
 def _quantized_place(model, method, name: str) -> tuple[str, int, str] | None:

@@ -3,6 +3,7 @@ alphas, rslora, target sets); every request of a mixed batch (base and three ada
 preemption, prefix-cache hits) must give the greedy tokens of transformers + PEFT running it alone (fp32)."""
 import functools
 import gc
+import os
 
 import pytest
 import torch
@@ -252,3 +253,23 @@ def test_mixed_batch_matches_peft_on_llama_and_qwen3(arch, tiny_model_factory, t
     for ids, lora, out in zip(prompts, choice, llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=choice)):
         want = hf_greedy(base, [ids], 10, ignore_eos=True)[0] if lora is None else peft_greedy(base, lora.lora_path, ids)
         assert out.outputs[0].token_ids == want, (arch, lora and lora.lora_name)
+
+
+def test_adapters_on_a_quantized_model(tmp_path, monkeypatch):
+    """LoRA on a 4-bit GPTQ checkpoint whose layers run the int4 kernel (no weight of their own): the adapters
+    add to the kernel's output, as PEFT adds them to the dequantized weights' (vLLM serves LoRA on AWQ/GPTQ)."""
+    from nanoserve import quantization
+    from quant_tools.dequant import dequantize_checkpoint
+    from test_quantization import DATA, with_tokenizer
+    monkeypatch.setattr(quantization, "KERNEL_DEVICES", ("cuda", "cpu"))
+    quantized = with_tokenizer(os.path.join(DATA, "qwen3-gptq-w4-g32-asym"), tmp_path / "q")
+    reference = dequantize_checkpoint(quantized, str(tmp_path / "ref"))
+    lora = LoRARequest("all", 1, make_adapter(reference, tmp_path / "all", 7, *ADAPTERS["all"]))
+    llm = LLM(quantized, enable_lora=True, max_loras=1, max_lora_rank=8, block_size=4)
+    assert set(llm.engine.runner.quant_method.placed.values()) == {"Int4Kernel"}
+    prompts = random_prompts(llm.get_tokenizer(), 4, seed=47, min_len=5, max_len=25)
+    choice = [None, lora] * 2
+    for ids, req, out in zip(prompts, choice, llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=choice)):
+        want = hf_greedy(reference, [ids], 10, ignore_eos=True)[0] if req is None else \
+            peft_greedy(reference, req.lora_path, ids)
+        assert out.outputs[0].token_ids == want, req

@@ -23,6 +23,7 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationStatus
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize, forward_quantize
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 from conftest import _load, hf_greedy
@@ -94,6 +95,38 @@ def test_int4_kernel_gives_the_dequantized_answer(name, tmp_path, kernels_on_cpu
     assert {kind for layer, kind in placed.items() if ".experts." not in layer} == {"Int4Kernel"}
     tokens, errors = logprob_errors(llm, _load(reference))
     assert tokens == hf_greedy(reference, PROMPTS, 10, ignore_eos=True) and max(errors) < 1e-4
+
+
+class FloatAllocations(TorchDispatchMode):
+    """Records the shape of every floating-point tensor that an op (not a view) makes in memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta":
+                    self.shapes.add(tuple(t.shape))
+        return out
+
+
+def test_quantized_layers_never_hold_full_precision_weights(tmp_path, kernels_on_cpu):
+    """A quantized checkpoint's model is built on the meta device: a layer on a kernel goes from the checkpoint's
+    packed tensors to the kernel without its full-precision [out, in] weight ever being made (on a GPU, a 4-bit
+    70B model never passes through bf16). Built the usual way, every such weight is made once, by nn.Linear."""
+    quantized = with_tokenizer(os.path.join(DATA, "qwen2-gptq-w4-g32-asym"), tmp_path / "q")
+    with FloatAllocations() as recorded:
+        llm = LLM(quantized, block_size=4)
+    model = llm.engine.runner.model
+    on_kernels = {tuple(m.kernel.shape) for m in model.modules() if isinstance(m, Linear) and m.kernel is not None}
+    assert on_kernels and not on_kernels & recorded.shapes
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert all(b.device.type == "cpu" for b in model.buffers())
+    tokens, errors = logprob_errors(llm, _load(dequantize_checkpoint(quantized, str(tmp_path / "ref"))))
+    assert max(errors) < 1e-4
 
 
 def with_activation_quantization(model, checkpoint: str):
