@@ -176,6 +176,9 @@ def make_method(quantization: str | None, hf_config, device: torch.device = torc
     if checkpoint is not None and not isinstance(checkpoint, dict):
         checkpoint = checkpoint.to_dict()
     found = (checkpoint or {}).get("quant_method")
+    if quantization is not None and quantization not in ON_THE_FLY + CHECKPOINT_FORMATS:
+        raise ValueError(f"Unknown quantization {quantization!r}: {' and '.join(ON_THE_FLY)} quantize a model on the "
+                         f"fly, {', '.join(CHECKPOINT_FORMATS)} name a checkpoint's format")
     if quantization in ON_THE_FLY and quantization != found:
         if found:
             raise ValueError(f"--quantization {quantization} quantizes a full-precision checkpoint, but this one "

@@ -254,6 +254,8 @@ def test_unsupported_schemes_are_named(tmp_path):
         LLM(path)
     with pytest.raises(ValueError, match="already quantized"):
         LLM(with_tokenizer(os.path.join(DATA, "llama-ct-w8a8-int"), tmp_path / "d"), quantization="int8")
+    with pytest.raises(ValueError, match="Unknown quantization 'int3': int8 and fp8 quantize"):
+        LLM(with_tokenizer(os.path.join(DATA, "llama-ct-w8a8-int"), tmp_path / "f"), quantization="int3")
     with pytest.raises(ValueError, match="does not match"):
         LLM(with_tokenizer(os.path.join(DATA, "llama-ct-w8a8-int"), tmp_path / "e"), quantization="gptq")
 
