@@ -25,6 +25,7 @@ import torch
 from .quantization import Fp8Kernel, Int4Kernel, Int8Kernel, QuantMethod, fp8_kernel_fits, int4_kernel_fits
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+FULL_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -49,6 +50,11 @@ def _groups(n_in: int, group_size: int | None, g_idx: torch.Tensor | None) -> to
 
 class CheckpointMethod(QuantMethod):
     bits = None  # set by the integer formats; 4 takes the int4 kernel on a GPU
+    skip: set[str] = set()  # modules_to_not_convert: names or name suffixes, with or without the "model." prefix
+
+    def covers(self, layer_name: str) -> bool:
+        names = (layer_name, "model." + layer_name)
+        return not any(n == m or n.endswith("." + m) for m in self.skip for n in names)
 
     def __init__(self):
         self.placed = {}  # what each layer became: its kernel's name, or "dequantized"
@@ -56,8 +62,11 @@ class CheckpointMethod(QuantMethod):
 
     def finalize(self, layer, shards: list[dict[str, torch.Tensor]], name: str = "") -> None:
         with self._checked(name):
-            kernel = self.kernel(shards, self.device, layer.bias)
-            weight = None if kernel is not None else torch.cat([self.dequantize(shard) for shard in shards])
+            if all(set(s) == {"weight"} and s["weight"].dtype in FULL_PRECISION for s in shards):
+                kernel, weight = None, torch.cat([s["weight"].float() for s in shards])  # left unquantized
+            else:
+                kernel = self.kernel(shards, self.device, layer.bias)
+                weight = None if kernel is not None else torch.cat([self.dequantize(shard) for shard in shards])
         shape = tuple(kernel.shape if kernel is not None else weight.shape)
         if shape != tuple(layer.weight.shape):
             raise ValueError(f"Checkpoint layer {name} dequantizes to {list(shape)}, the model expects "
@@ -137,6 +146,8 @@ class CompressedTensors(CheckpointMethod):
         bits, kind = self.weights.get("num_bits"), self.weights.get("type")
         self.bits = bits if self.format == "pack-quantized" else None
         self.activations = groups[0].get("input_activations")
+        if self.activations and not self.activations.get("symmetric", True):
+            raise ValueError(f"Unsupported compressed-tensors activation scheme (asymmetric): {self.activations}")
         act = "A8" if self.activations else "A16"
         self.name = f"compressed-tensors {self.format} W{bits}{act} ({kind}, {self.weights['strategy']})"
         suffixes = ["weight_scale", "weight_zero_point", "weight_g_idx", "input_scale"]
@@ -180,7 +191,7 @@ class CompressedTensors(CheckpointMethod):
             scale = torch.cat([s["weight_scale"].float().reshape(-1).expand(s["weight"].shape[0]) for s in shards])
             return Int8Kernel(weight, bias, scale.to(device), bool(self.activations), per_token,
                               static_input_scale(shards))
-        if self.format == "float-quantized" and fp8_kernel_fits(device):
+        if self.format == "float-quantized" and self.activations and fp8_kernel_fits(device):  # W8A8, not W8A16
             return fp8_kernel(shards, device, bias, per_token)
         return super().kernel(shards, device, bias)
 
@@ -215,11 +226,8 @@ class Fp8Checkpoint(CheckpointMethod):
         super().__init__()
         self.block = config.get("weight_block_size")
         self.static = config.get("activation_scheme") == "static"
-        self.ignore = set(config.get("modules_to_not_convert") or []) | {"lm_head"}
+        self.skip = set(config.get("modules_to_not_convert") or []) | {"lm_head"}
         self.name = "fp8" + (f" ({self.block[0]}x{self.block[1]} blocks)" if self.block else "")
-
-    def covers(self, layer_name: str) -> bool:
-        return not any(layer_name == m or layer_name.endswith("." + m) for m in self.ignore)
 
     def dequantize(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         weight = t["weight"].float()
@@ -249,9 +257,6 @@ class Gptq(CheckpointMethod):
         self.skip = set(config.get("modules_to_not_convert") or []) | {"lm_head"}
         self.name = f"gptq {self.bits}-bit, group {self.group_size}{', v2 zeros' if self.v2 else ''}"
 
-    def covers(self, layer_name: str) -> bool:
-        return not any(layer_name == m or layer_name.endswith("." + m) for m in self.skip)
-
     def integer_form(self, t: dict[str, torch.Tensor]):
         q = unpack(t["qweight"].t(), self.bits)  # [out, in]
         zeros = unpack(t["qzeros"], self.bits)[:, :q.shape[0]] + (0 if self.v2 else 1)  # [groups, out]
@@ -272,9 +277,6 @@ class Awq(CheckpointMethod):
                              f"{config.get('zero_point')}): nanoserve loads 4-bit GEMM with zero points")
         self.skip = set(config.get("modules_to_not_convert") or []) | {"lm_head"}
         self.name = f"awq 4-bit, group {self.group_size}"
-
-    def covers(self, layer_name: str) -> bool:
-        return not any(layer_name == m or layer_name.endswith("." + m) for m in self.skip)
 
     def integer_form(self, t: dict[str, torch.Tensor]):
         order = torch.tensor(AWQ_ORDER).argsort()  # nibble k holds column ORDER[k]: put columns back in place

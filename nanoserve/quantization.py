@@ -62,7 +62,7 @@ class Int8Kernel:
             rows = (torch.round(rows.float() / x_scale).clamp(-128, 127) * x_scale).to(x.dtype)
         # (Under torch.compile a row count can be data-dependent, e.g. the LM head's: no branching on it there.)
         if rows.is_cuda or (not torch.compiler.is_compiling() and rows.shape[0] == 1):
-            out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scale.to(rows.dtype))
+            out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.weight, self.scale.to(rows.dtype))
         else:  # torch's CPU kernel loops over rows: at M > 1 a transient dequantized copy is 10-20x faster
             out = torch.nn.functional.linear(rows, self.weight.to(rows.dtype)) * self.scale.to(rows.dtype)
         if self.bias is not None:
@@ -78,7 +78,10 @@ KERNEL_DEVICES = ("cuda",)
 
 
 def int4_kernel_fits(device: torch.device) -> bool:
-    return device.type in KERNEL_DEVICES
+    """tinygemm is built for compute capability 8.0 and newer (its bf16 mma); the CPU twin for the tests."""
+    if device.type not in KERNEL_DEVICES:
+        return False
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def fp8_kernel_fits(device: torch.device) -> bool:
@@ -133,8 +136,8 @@ class Int4Kernel:
         if self.perm is not None:
             rows = rows[:, self.perm]
         if self.on_cuda:
-            out = torch.ops.aten._weight_int4pack_mm(rows.to(torch.bfloat16), self.packed, self.group_size,
-                                                     self.scales_and_zeros).to(x.dtype)
+            out = torch.ops.aten._weight_int4pack_mm(rows.to(torch.bfloat16).contiguous(), self.packed,
+                                                     self.group_size, self.scales_and_zeros).to(x.dtype)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group_size,
                                                              self.scales_and_zeros.to(rows.dtype))
@@ -244,6 +247,8 @@ class OnTheFlyFp8(QuantMethod):
         return layer_name != "lm_head"
 
     def finalize(self, layer, shards, name: str = "") -> None:
+        if layer.in_features % 16 or layer.out_features % 16:
+            return  # `_scaled_mm` takes multiples of 16 only: the layer stays in full precision
         weight = layer.weight.detach().float()
         scale = weight.abs().amax().clamp_min(1e-12) / FP8_MAX
         fp8 = (weight / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)

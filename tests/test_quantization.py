@@ -260,6 +260,46 @@ def test_unsupported_schemes_are_named(tmp_path):
         LLM(with_tokenizer(os.path.join(DATA, "llama-ct-w8a8-int"), tmp_path / "e"), quantization="gptq")
 
 
+def edit_config(path: str, edit) -> str:
+    config = json.load(open(os.path.join(path, "config.json")))
+    edit(config)
+    json.dump(config, open(os.path.join(path, "config.json"), "w"))
+    return path
+
+
+def test_checkpoint_edge_cases(tmp_path, kernels_on_cpu):
+    """A quantized Llama 3 (its RoPE scaling built while the model sits on the meta device); a layer the
+    checkpoint left in full precision although the config covers it; FP8 weights without activation quantization
+    (W8A16: dequantized, not run as W8A8); asymmetric int8 activations, refused."""
+    def llama3(config):
+        config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 64}
+    scaled = edit_config(with_tokenizer(os.path.join(DATA, "llama-gptq-w4-g32-sym-descact"), tmp_path / "a"), llama3)
+    reference = dequantize_checkpoint(scaled, str(tmp_path / "a-ref"))
+    tokens, errors = logprob_errors(LLM(scaled, block_size=4), _load(reference))
+    assert tokens == hf_greedy(reference, PROMPTS, 10, ignore_eos=True) and max(errors) < 1e-4
+
+    layer = "model.layers.1.self_attn.o_proj."
+
+    def unquantize(t):
+        t[layer + "weight"] = t[layer + "weight"].float() * t.pop(layer + "weight_scale")
+    mixed = corrupt(tmp_path / "b", "llama-ct-fp8-dynamic", unquantize)
+    weight_only = edit_config(mixed, lambda c: list(c["quantization_config"]["config_groups"].values())[0].update(
+        input_activations=None))
+    reference = dequantize_checkpoint(with_tokenizer(os.path.join(DATA, "llama-ct-fp8-dynamic"), tmp_path / "c"),
+                                      str(tmp_path / "c-ref"))
+    llm = LLM(weight_only, block_size=4)
+    assert set(llm.engine.runner.quant_method.placed.values()) == {"dequantized"}
+    tokens, errors = logprob_errors(llm, _load(reference))
+    assert tokens == hf_greedy(reference, PROMPTS, 10, ignore_eos=True) and max(errors) < 1e-4
+
+    asymmetric = edit_config(with_tokenizer(os.path.join(DATA, "llama-ct-w8a8-int"), tmp_path / "d"), lambda c: list(
+        c["quantization_config"]["config_groups"].values())[0]["input_activations"].update(symmetric=False))
+    with pytest.raises(ValueError, match="activation scheme \\(asymmetric\\)"):
+        LLM(asymmetric)
+
+
 def test_fp8_on_the_fly_is_refused_clearly(llama_dir):
     with pytest.raises(ValueError, match="needs a GPU of compute capability 8.9 or newer .* on cpu"):
         LLM(llama_dir, quantization="fp8")

@@ -83,15 +83,17 @@ class Rotary(nn.Module):
         if params.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError(f"RoPE on part of each head (partial_rotary_factor {params['partial_rotary_factor']}) "
                              "is not supported")
-        freqs = [self._inv_freq(config, params, layer_type)]
-        self.long_after = params.get("original_max_position_embeddings") if rope_type == "longrope" else None
-        if self.long_after:
-            freqs.append(ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", seq_len=self.long_after + 1)[0])
-        scaling = self._inv_freq(config, params, layer_type, scaling=True)
-        positions = torch.arange(max_len, dtype=torch.float, device="cpu")[:, None]
-        emb = torch.cat([torch.cat((positions * f.float(), positions * f.float()), dim=-1) for f in freqs])
-        # transformers builds the frequencies on the CPU; a model built on the meta device moves them at load
+        # Built on the CPU, as transformers builds the frequencies; a model built on the meta device (a quantized
+        # checkpoint, runner.py) keeps them there until weights.py moves them.
         device = torch.get_default_device()
+        with torch.device("cpu"):
+            freqs = [self._inv_freq(config, params, layer_type)]
+            self.long_after = params.get("original_max_position_embeddings") if rope_type == "longrope" else None
+            if self.long_after:
+                freqs.append(ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", seq_len=self.long_after + 1)[0])
+            scaling = self._inv_freq(config, params, layer_type, scaling=True)
+            positions = torch.arange(max_len, dtype=torch.float)[:, None]
+            emb = torch.cat([torch.cat((positions * f.float(), positions * f.float()), dim=-1) for f in freqs])
         emb = emb.to(device if device.type != "meta" else "cpu")
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
@@ -101,8 +103,7 @@ class Rotary(nn.Module):
         if params.get("rope_type", "default") == "default":
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
             base = params["rope_theta"]
-            return 1.0 if scaling else 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu")
-                                                       / head_dim))
+            return 1.0 if scaling else 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
         extra = {"layer_type": layer_type} if layer_type else {}
         return ROPE_INIT_FUNCTIONS[params["rope_type"]](config, "cpu", **extra)[1 if scaling else 0]
 
