@@ -11,9 +11,10 @@ Where data comes from and goes:
   when a kernel is set.
 
 Kernels, all torch's own:
-- int8 weight-only (on the fly, and int8 checkpoints): `_weight_int8pack_mm` for one row and on a GPU; on a CPU
-  several rows use a transient dequantized copy, because that kernel loops over rows. On the project's 2-core
-  CPU int8 saves memory (4x), not time: 0.65x float32's speed at batch 1 (docs/performance.md).
+- int8 (on the fly, and int8 checkpoints): `_weight_int8pack_mm` for one row on a CPU; several rows, and every
+  step on a GPU, use a transient dequantized copy, because torch's kernel loops over rows on a CPU and reads
+  uncoalesced on a GPU. int8 saves memory (4x on a CPU, 2x against bf16), not time: 0.65x float32's speed at
+  batch 1 on the project's 2-core CPU (docs/performance.md); on a GPU unmeasured.
 - 4-bit checkpoints on a GPU: tinygemm (`Int4Kernel`); FP8 on a GPU of compute capability 8.9+: `_scaled_mm`
   (`Fp8Kernel`). On a CPU, where both measured far slower than float32, and for shapes they do not take, the
   weights are dequantized once at load, and the log says so.
@@ -61,9 +62,10 @@ class Int8Kernel:
             x_scale = activation_scale(rows.float(), self.input_scale, self.per_token, 127.5)
             rows = (torch.round(rows.float() / x_scale).clamp(-128, 127) * x_scale).to(x.dtype)
         # (Under torch.compile a row count can be data-dependent, e.g. the LM head's: no branching on it there.)
-        if rows.is_cuda or (not torch.compiler.is_compiling() and rows.shape[0] == 1):
+        if not rows.is_cuda and not torch.compiler.is_compiling() and rows.shape[0] == 1:
             out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.weight, self.scale.to(rows.dtype))
-        else:  # torch's CPU kernel loops over rows: at M > 1 a transient dequantized copy is 10-20x faster
+        else:  # torch's kernel loops over rows on a CPU (a transient dequantized copy is 10-20x faster at M > 1),
+            # and on a GPU runs one thread per output reading its own row (uncoalesced): the copy serves both
             out = torch.nn.functional.linear(rows, self.weight.to(rows.dtype)) * self.scale.to(rows.dtype)
         if self.bias is not None:
             out = out + self.bias

@@ -569,7 +569,7 @@ def _quantized_logprobs(llm, prompts: list[list[int]]) -> list[float]:
     ("on the fly: int8", "Int8Kernel", True)])
 def test_quantized_kernels_on_gpu_match_their_cpu_twins(name, kernel, compiled, tmp_path, monkeypatch, llama_dir):
     """On the GPU, 4-bit checkpoints run tinygemm (`_weight_int4pack_mm`, bf16 activations), FP8 `_scaled_mm`
-    (compute capability 8.9+), int8 `_weight_int8pack_mm`; one case of each under torch.compile, the others
+    (compute capability 8.9+), int8 a dequantized copy; one case of each under torch.compile, the others
     eager (compiling costs the most GPU time). The CPU engine runs the same kernels' CPU twins in float32, which
     tests/test_quantization.py checks against transformers and compressed-tensors. A wrong packing, zero point,
     gather or scale is off by nats; bf16 activations by hundredths."""
