@@ -4,6 +4,7 @@ Checkpoints store q/k/v and gate/up as separate tensors; our layers hold each gr
 (`MergedLinear`), so each checkpoint tensor is copied into its rows of the fused parameter. Everything else
 is copied by name. Called once by the runner at start-up.
 """
+import collections
 import glob
 import os
 import sys
@@ -31,7 +32,7 @@ def load_weights(model: torch.nn.Module, model_dir: str, optional: set[str] = fr
         places = [_quantized_place(model, method, n.removeprefix("model.")) for _, n in names]
         materialize(model, device, {f"{place[0]}.weight" for place in places if place is not None})
     params = dict(model.named_parameters())
-    loaded = set()
+    loaded = collections.Counter()  # parameter name -> tensors written into it (an expert stack takes several)
     handles, quantized = {}, {}  # quantized: layer name -> shard index -> tensor suffix -> tensor
     # A bar only on a terminal: in a log file it is a spray of carriage returns.
     for file, name in tqdm(names, desc="Loading weights", unit="tensor", leave=False, disable=not sys.stderr.isatty()):
@@ -44,19 +45,23 @@ def load_weights(model: torch.nn.Module, model_dir: str, optional: set[str] = fr
             continue
         target = _copy_tensor(model, params, ours, handle.get_tensor(name))
         if target is not None:
-            loaded.add(target)
+            loaded[target] += 1
     for layer, shards in quantized.items():
         if ".experts." in layer:  # an MoE expert's projection: a slice of a stacked tensor, not a layer
-            loaded.add(_copy_tensor(model, params, f"{layer}.weight", method.expert_weight(shards[0], layer)))
+            loaded[_copy_tensor(model, params, f"{layer}.weight", method.expert_weight(shards[0], layer))] += 1
             continue
         module = model.get_submodule(layer)
         if sorted(shards) != list(range(len(getattr(module, "shard_sizes", [0])))):
             raise ValueError(f"Checkpoint in {model_dir} lacks some of {layer}'s projections")
         method.finalize(module, [shards[i] for i in sorted(shards)], layer)
-        loaded.add(f"{layer}.weight")
-    missing = set(params) - loaded - optional  # tied lm_head shares embed_tokens' parameter and is not listed apart
+        loaded[f"{layer}.weight"] += 1
+    missing = set(params) - set(loaded) - optional  # tied lm_head shares embed_tokens' parameter, not listed apart
     if missing:
         raise ValueError(f"Checkpoint in {model_dir} lacks weights for: {sorted(missing)[:5]}")
+    for name, count in loaded.items():  # an expert stack: every expert's gate and up (w13), or down (w2), once
+        expected = {".mlp.w13": 2, ".mlp.w2": 1}.get(name[name.rfind(".mlp."):], 0) * len(params[name])
+        if expected and count != expected:
+            raise ValueError(f"Checkpoint in {model_dir} has {count} expert projections for {name}, not {expected}")
 
 
 def materialize(model: torch.nn.Module, device: torch.device, keep_meta: set[str]) -> None:

@@ -235,6 +235,11 @@ def test_bad_checkpoints_fail_at_start_up(tmp_path):
     moe = corrupt(tmp_path / "c", "qwen3_moe-ct-w4a16-g32-asym", lambda t: t.pop(expert))
     with pytest.raises(ValueError, match="layers.1.mlp.experts.5.up_proj lacks the tensor 'weight_scale'"):
         LLM(moe)
+    expert = "model.layers.0.mlp.experts.2.gate_proj."
+    dropped = corrupt(tmp_path / "e", "qwen3_moe-ct-w4a16-g32-asym",
+                      lambda t: [t.pop(k) for k in list(t) if k.startswith(expert)])
+    with pytest.raises(ValueError, match="has 15 expert projections for layers.0.mlp.w13, not 16"):
+        LLM(dropped)
     packed = "model.layers.1.mlp.down_proj.weight_packed"
     shape = corrupt(tmp_path / "b", "llama-ct-w4a16-g32-sym", lambda t: t.update({packed: t[packed][:5]}))
     with pytest.raises(ValueError, match="layers.1.mlp.down_proj has tensors of the wrong shape"):
