@@ -76,6 +76,42 @@ def make_shape_dir(name: str, root: str | None = None) -> str:
     return path
 
 
+def write_random_w4a16(shape_dir: str, group_size: int = 128) -> str:
+    """A copy of the shape as a compressed-tensors W4A16 checkpoint (symmetric int4, groups of `group_size`,
+    lm_head kept) with random values: packed int32 codes, small scales, random bf16 for the rest. Its speed is a
+    real checkpoint's; its output is noise. Written once per shape, next to the shape's directory."""
+    import math
+
+    import transformers
+    from safetensors.torch import save_file
+    config = transformers.AutoConfig.from_pretrained(shape_dir)
+    with torch.device("meta"):
+        names = {n: p.shape for n, p in transformers.AutoModelForCausalLM.from_config(config).state_dict().items()}
+    group_size = math.gcd(group_size, *(s[1] for n, s in names.items() if n.endswith("proj.weight")))  # tiny shape
+    path = shape_dir.rstrip("/") + f"-w4a16-g{group_size}"
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return path
+    config.quantization_config = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size}}}}
+    tensors, gen = {}, torch.Generator().manual_seed(0)
+    for name, shape in names.items():
+        if ".layers." in name and name.endswith("proj.weight"):
+            out, n_in = shape
+            base = name.removesuffix(".weight")
+            tensors[f"{base}.weight_packed"] = torch.randint(-2**31, 2**31 - 1, (out, n_in // 8), generator=gen,
+                                                             dtype=torch.int32)
+            tensors[f"{base}.weight_scale"] = torch.rand(out, n_in // group_size, generator=gen) * 2e-3
+            tensors[f"{base}.weight_shape"] = torch.tensor([out, n_in])
+        else:
+            tensors[name] = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    config.save_pretrained(path)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Devices and the bandwidth ceiling
 # ---------------------------------------------------------------------------------------------------------------
@@ -145,6 +181,7 @@ def weight_bytes_per_step(model: torch.nn.Module, hf_config) -> int:
     `w2`) only top_k / num_experts count: the batch-1 read, one token routed to top_k experts. A batch's tokens
     reach more distinct experts, so for a batch this is a lower bound."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(m.kernel.nbytes for m in model.modules() if getattr(m, "kernel", None) is not None)  # quantized
     if not getattr(hf_config, "tie_word_embeddings", False):
         embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.embed_tokens
         total -= embed.weight.numel() * embed.weight.element_size()

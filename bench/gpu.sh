@@ -13,6 +13,9 @@
 #                                                               -> llama.log, llama.json       ~3 min
 # startup  F: LLM() for the Qwen3-0.6B shape in fresh processes, cold then warm inductor cache
 #                                                               -> startup.log, startup.json   ~2-3 min
+# quant  issue 12: Llama-3.1-8B shape decode at batch 1 and 16 with a random W4A16 checkpoint (tinygemm), FP8
+#        and int8 on the fly (QUANT_KINDS picks)                -> quant.log, quant.json        ~4-6 min
+#        (not in "all")
 # all    every part in turn: does NOT fit one 600 s call. Plan: "tests" first (the GPU path's first run:
 #        a failure there makes the figures meaningless), then "llama,startup", then "qwen", one call each.
 #
@@ -57,6 +60,7 @@ if [ -n "${SMOKE:-}" ]; then
   DECODE_CONFIGS="compile eager"  # CUDA graphs need a GPU
   LLAMA_CONFIG=compile
   STARTUP=(--device cpu --max-num-seqs 8)
+  QUANT_KINDS=${QUANT_KINDS:-w4a16 int8}  # FP8 needs a GPU
 else
   DEVICE=cuda QWEN=qwen3-0.6b LLAMA=llama-3.1-8b
   OFFLINE=()  # the protocol: 256 requests, input and output lengths uniform in [100, 1024], temperature 0.6
@@ -148,6 +152,16 @@ part_llama() {
     --steps 100 "${LLAMA_DECODE[@]}" --json "$PIECES/llama-decode-eager.json"
 }
 
+part_quant() {
+  # Issue 12: batch-1 (and 16) decode of the Llama-3.1-8B shape with quantized weights, each against the roofline
+  # of its own bytes: a random W4A16 checkpoint on tinygemm, FP8 and int8 on the fly (llama part: bf16).
+  local q
+  for q in ${QUANT_KINDS:-w4a16 fp8 int8}; do
+    step quant-$q 150 $PY bench/gpu_bench.py decode-one --shape $LLAMA --config $LLAMA_CONFIG --quantization $q \
+      --batch-sizes 1,16 --steps 100 "${LLAMA_DECODE[@]}" --json "$PIECES/quant-$q.json"
+  done
+}
+
 part_startup() {
   step startup 420 $PY bench/gpu_bench.py startup --shape $QWEN "${STARTUP[@]}" --child-timeout 200 \
     --json "$PIECES/startup-runs.json"
@@ -157,8 +171,8 @@ environment
 [ "$PARTS" = all ] && PARTS=tests,qwen,llama,startup
 for PART in ${PARTS//,/ }; do
   case $PART in
-    tests | qwen | llama | startup) "part_$PART"; merge ;;
-    *) echo "unknown part $PART (tests, qwen, llama, startup, all)"; exit 2 ;;
+    tests | qwen | llama | startup | quant) "part_$PART"; merge ;;
+    *) echo "unknown part $PART (tests, qwen, llama, startup, quant, all)"; exit 2 ;;
   esac
 done
 

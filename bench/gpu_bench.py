@@ -20,6 +20,7 @@ merge    Concatenates JSON files into one (gpu.sh keeps few files under $OUT).
 
     python bench/gpu_bench.py decode --shape qwen3-0.6b --configs graphs --batch-sizes 1,16,64,256 --json d.json
     python bench/gpu_bench.py decode --shape llama-3.1-8b --configs graphs --batch-sizes 1 --steps 200
+    python bench/gpu_bench.py decode --shape llama-3.1-8b --configs graphs --batch-sizes 1 --quantization w4a16
     python bench/gpu_bench.py startup --shape qwen3-0.6b --json s.json
     python bench/gpu_bench.py decode --shape tiny --device cpu --configs eager --batch-sizes 1,4   # CPU smoke
 """
@@ -68,6 +69,7 @@ def cmd_decode(args) -> None:
 
 def child_args(args) -> list[str]:
     return ["--shape", args.shape, "--device", args.device, "--batch-sizes", args.batch_sizes,
+            "--quantization", args.quantization,
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--prompt-len", str(args.prompt_len),
             "--profile-steps", str(args.profile_steps),
             "--max-model-len", str(args.max_model_len), "--seed", str(args.seed)]
@@ -75,15 +77,20 @@ def child_args(args) -> list[str]:
 
 def cmd_decode_one(args) -> None:
     from benchlib import (copy_bandwidth, kv_bytes_per_token, log_engine_info, make_shape_dir,
-                          weight_bytes_per_step, write_json)
+                          weight_bytes_per_step, write_json, write_random_w4a16)
     from nanoserve import LLM
     log_engine_info()
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     bandwidth = copy_bandwidth(args.device)  # before the engine takes the GPU's memory for its KV cache
+    shape_dir, weights = make_shape_dir(args.shape), dict(load_format="dummy")
+    if args.quantization == "w4a16":  # a checkpoint (random values) of the shape: 4-bit needs one
+        shape_dir, weights = write_random_w4a16(shape_dir), {}
+    elif args.quantization != "none":  # int8 or fp8 on the fly, from the dummy weights
+        weights["quantization"] = args.quantization
     start = time.perf_counter()
-    llm = LLM(make_shape_dir(args.shape), device=args.device, load_format="dummy", skip_tokenizer_init=True,
-              max_num_seqs=max(sizes), max_model_len=args.max_model_len,
-              max_num_batched_tokens=max(2048, args.prompt_len), **CONFIGS[args.config])
+    llm = LLM(shape_dir, device=args.device, skip_tokenizer_init=True, max_num_seqs=max(sizes),
+              max_model_len=args.max_model_len, max_num_batched_tokens=max(2048, args.prompt_len),
+              **weights, **CONFIGS[args.config])
     startup = time.perf_counter() - start
     runner = llm.engine.runner
     weights, per_token = weight_bytes_per_step(runner.model, runner.hf_config), kv_bytes_per_token(
@@ -94,6 +101,7 @@ def cmd_decode_one(args) -> None:
         r = measure_decode(llm, batch, args, rng)
         step_bytes = weights + per_token * r["mean_context"] * batch
         r.update(kind="decode", shape=args.shape, config=args.config, device=str(args.device),
+                 quantization=args.quantization,
                  startup_s=round(startup, 1), weight_bytes=weights, step_bytes=step_bytes,
                  tokens_per_s=batch / r["median_s"],
                  bandwidth_fraction=step_bytes / r["median_s"] / bandwidth["bytes_per_s"],
@@ -170,9 +178,9 @@ def print_decode_table(rows: list[dict]) -> None:
         print(f"\ncopy bandwidth (read + write): {bw['bytes_per_s'] / 1e9:.0f} GB/s on {bw['device']}")
     print("Byte model per step: all weights once + every sequence's K/V context; 'roofline' = weights only.")
     print("GPU busy = kernel time per step (torch.profiler) / wall-clock step time.")
-    print_table(["shape", "config", "batch", "step ms (median)", "mean ms", "tok/s", "step MB", "% copy BW",
+    print_table(["shape", "config", "quant", "batch", "step ms (median)", "mean ms", "tok/s", "step MB", "% copy BW",
                  "roofline %", "GPU busy", "pure", "start-up s"],
-                [[r["shape"], r["config"], r["batch"], 1e3 * r["median_s"], 1e3 * r["mean_s"], r["tokens_per_s"],
+                [[r["shape"], r["config"], r.get("quantization", "none"), r["batch"], 1e3 * r["median_s"], 1e3 * r["mean_s"], r["tokens_per_s"],
                   r["step_bytes"] / 1e6, f"{100 * r['bandwidth_fraction']:.0f}%",
                   f"{100 * r['roofline_fraction']:.0f}%",
                   f"{100 * r['device_s'] / r['median_s']:.0f}%" if r.get("device_s") else "-",
@@ -295,6 +303,11 @@ def cmd_summary(args) -> None:
                         f"({r['output_tokens_per_s']:,.0f} tok/s)", f">= {TARGETS['hf_ratio']:.0f}x",
                         ok(ratio >= TARGETS["hf_ratio"])])
     decode = [r for r in rows if r.get("kind") == "decode" and "median_s" in r]
+    quantized = [r for r in decode if r.get("quantization", "none") != "none"]  # issue 12: no target, as measured
+    decode = [r for r in decode if r not in quantized]
+    for r in quantized:
+        out.append([f"Q {r['shape']} {r['quantization']} batch {r['batch']} tok/s", f"{r['tokens_per_s']:,.0f}", "-",
+                    f"roofline {100 * r['roofline_fraction']:.0f}% of {r['weight_bytes'] / 1e9:.2f} GB"])
     for r in decode:
         if r["batch"] == 1 and r["shape"] == "llama-3.1-8b":
             out.append([f"C llama-3.1-8b batch-1 tok/s ({r['config']})", f"{r['tokens_per_s']:.0f}",
@@ -341,6 +354,8 @@ def main():
         p.add_argument("--prompt-len", type=int, default=32)
         p.add_argument("--max-model-len", type=int, default=2048)
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--quantization", default="none", choices=["none", "int8", "fp8", "w4a16"],
+                       help="int8/fp8: on the fly from the dummy weights; w4a16: a random 4-bit checkpoint")
         p.add_argument("--json")
         if name == "decode":
             p.add_argument("--configs", default="eager,compile,graphs")
