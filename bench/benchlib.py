@@ -180,8 +180,8 @@ def weight_bytes_per_step(model: torch.nn.Module, hf_config) -> int:
     table, of which a step reads only one row per token. Of a mixture-of-experts block's stacked experts (`w13`,
     `w2`) only top_k / num_experts count: the batch-1 read, one token routed to top_k experts. A batch's tokens
     reach more distinct experts, so for a batch this is a lower bound."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    total += sum(m.kernel.nbytes for m in model.modules() if getattr(m, "kernel", None) is not None)  # quantized
+    from nanoserve.quantization import weight_bytes
+    total = weight_bytes(model)  # quantized kernels at their packed size
     if not getattr(hf_config, "tie_word_embeddings", False):
         embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.embed_tokens
         total -= embed.weight.numel() * embed.weight.element_size()

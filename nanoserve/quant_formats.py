@@ -17,12 +17,13 @@ bits:
   0, 2, 4, 6, 1, 3, 5, 7; scales [groups, out]. W^T = (q - z[row // group]) * scales[row // group].
 Anything else (other formats, schemes, bit widths, layouts) fails at start-up with an error that names it.
 """
+import collections
 import contextlib
 import re
 
 import torch
 
-from .quantization import Fp8Kernel, Int4Kernel, Int8Kernel, QuantMethod, fp8_kernel_fits, int4_kernel_fits
+from .quantization import FP8_CAPABILITY, INT4_CAPABILITY, Fp8Kernel, Int4Kernel, Int8Kernel, QuantMethod, kernel_fits
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 FULL_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
@@ -34,11 +35,6 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"Unsupported bit width {bits} (2, 4 or 8 are)")
     shifts = torch.arange(32 // bits, dtype=torch.int32) * bits
     return ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).flatten(-2)
-
-
-def _by_group(values: torch.Tensor, group_of_column: torch.Tensor) -> torch.Tensor:
-    """[out, groups] -> [out, in]: each column takes its group's value."""
-    return values[:, group_of_column]
 
 
 def _groups(n_in: int, group_size: int | None, g_idx: torch.Tensor | None) -> torch.Tensor:
@@ -97,7 +93,7 @@ class CheckpointMethod(QuantMethod):
 
     def kernel(self, shards: list[dict[str, torch.Tensor]], device: torch.device, bias):
         """The kernel that computes this layer on `device` from its checkpoint tensors, or None to dequantize."""
-        if self.bits != 4 or not int4_kernel_fits(device):
+        if self.bits != 4 or not kernel_fits(device, INT4_CAPABILITY):
             return None
         forms = [self.integer_form(shard) for shard in shards]
         if any(not torch.equal(form[3], forms[0][3]) for form in forms):
@@ -115,9 +111,7 @@ class CheckpointMethod(QuantMethod):
         return (q - zero.float()[:, groups]) * scale.float()[:, groups]
 
     def describe(self) -> str:
-        counts = {}
-        for placed in self.placed.values():
-            counts[placed] = counts.get(placed, 0) + 1
+        counts = collections.Counter(self.placed.values())
         where = ", ".join(f"{n} layers {'dequantized at load' if k == 'dequantized' else 'on ' + k}"
                           for k, n in sorted(counts.items()))
         return f"{self.name} ({where or 'no layers'})"
@@ -191,7 +185,7 @@ class CompressedTensors(CheckpointMethod):
             scale = torch.cat([s["weight_scale"].float().reshape(-1).expand(s["weight"].shape[0]) for s in shards])
             return Int8Kernel(weight, bias, scale.to(device), bool(self.activations), per_token,
                               static_input_scale(shards))
-        if self.format == "float-quantized" and self.activations and fp8_kernel_fits(device):  # W8A8, not W8A16
+        if self.format == "float-quantized" and self.activations and kernel_fits(device, FP8_CAPABILITY):  # W8A8, not W8A16
             return fp8_kernel(shards, device, bias, per_token)
         return super().kernel(shards, device, bias)
 
@@ -238,7 +232,7 @@ class Fp8Checkpoint(CheckpointMethod):
         return weight * scale[:weight.shape[0], :weight.shape[1]]
 
     def kernel(self, shards, device, bias):
-        if self.block is not None or not fp8_kernel_fits(device):
+        if self.block is not None or not kernel_fits(device, FP8_CAPABILITY):
             return None  # block scales: no torch kernel takes them yet
         if not self.static:
             shards = [{k: v for k, v in s.items() if k != "input_scale"} for s in shards]

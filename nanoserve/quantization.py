@@ -79,18 +79,15 @@ FP8_MAX = 448.0  # the largest float8_e4m3fn value
 KERNEL_DEVICES = ("cuda",)
 
 
-def int4_kernel_fits(device: torch.device) -> bool:
-    """tinygemm is built for compute capability 8.0 and newer (its bf16 mma); the CPU twin for the tests."""
-    if device.type not in KERNEL_DEVICES:
-        return False
-    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
+INT4_CAPABILITY = (8, 0)  # tinygemm is built for Ampere and newer (its bf16 mma)
+FP8_CAPABILITY = (8, 9)  # FP8 matmuls: Ada, Hopper
 
 
-def fp8_kernel_fits(device: torch.device) -> bool:
-    """FP8 matmuls need a GPU of compute capability 8.9 or newer (Ada, Hopper); the CPU twin for the tests."""
+def kernel_fits(device: torch.device, capability: tuple[int, int]) -> bool:
+    """Whether a kernel that needs this CUDA compute capability runs on `device` (the CPU twin for the tests)."""
     if device.type not in KERNEL_DEVICES:
         return False
-    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= capability
 
 
 class Int4Kernel:
@@ -190,7 +187,7 @@ def make_method(quantization: str | None, hf_config, device: torch.device = torc
                              f"is already quantized ({found})")
         if quantization == "int8":
             return OnTheFlyInt8()
-        if not fp8_kernel_fits(device):
+        if not kernel_fits(device, FP8_CAPABILITY):
             raise ValueError(f"--quantization fp8 (dynamic FP8 on the fly) needs a GPU of compute capability 8.9 or "
                              f"newer (Ada, Hopper), and the model is on {device}; --quantization int8 works anywhere")
         return OnTheFlyFp8()

@@ -28,17 +28,19 @@ def load_weights(model: torch.nn.Module, model_dir: str, optional: set[str] = fr
     if not files:
         raise FileNotFoundError(f"No *.safetensors files in {model_dir}")
     names = [(f, n) for f in files for n in _keys(f)]
+    # (our layer, shard, suffix) of each tensor of a quantized layer, None for the others
+    places = [_quantized_place(model, method, n.removeprefix("model.")) if method is not None and
+              method.tensor_suffixes else None for _, n in names]
     if device is not None:
-        places = [_quantized_place(model, method, n.removeprefix("model.")) for _, n in names]
         materialize(model, device, {f"{place[0]}.weight" for place in places if place is not None})
     params = dict(model.named_parameters())
     loaded = collections.Counter()  # parameter name -> tensors written into it (an expert stack takes several)
     handles, quantized = {}, {}  # quantized: layer name -> shard index -> tensor suffix -> tensor
     # A bar only on a terminal: in a log file it is a spray of carriage returns.
-    for file, name in tqdm(names, desc="Loading weights", unit="tensor", leave=False, disable=not sys.stderr.isatty()):
+    for (file, name), place in tqdm(list(zip(names, places)), desc="Loading weights", unit="tensor", leave=False,
+                                    disable=not sys.stderr.isatty()):
         handle = handles.get(file) or handles.setdefault(file, safe_open(file, framework="pt"))
         ours = name.removeprefix("model.")
-        place = _quantized_place(model, method, ours) if method is not None and method.tensor_suffixes else None
         if place is not None:
             layer, shard, suffix = place
             quantized.setdefault(layer, {}).setdefault(shard, {})[suffix[1:]] = handle.get_tensor(name)
@@ -59,7 +61,8 @@ def load_weights(model: torch.nn.Module, model_dir: str, optional: set[str] = fr
     if missing:
         raise ValueError(f"Checkpoint in {model_dir} lacks weights for: {sorted(missing)[:5]}")
     for name, count in loaded.items():  # an expert stack: every expert's gate and up (w13), or down (w2), once
-        expected = {".mlp.w13": 2, ".mlp.w2": 1}.get(name[name.rfind(".mlp."):], 0) * len(params[name])
+        per_expert = 2 if name.endswith(".mlp.w13") else 1 if name.endswith(".mlp.w2") else 0
+        expected = per_expert * len(params[name])
         if expected and count != expected:
             raise ValueError(f"Checkpoint in {model_dir} has {count} expert projections for {name}, not {expected}")
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import random
+import shutil
 
 import pytest
 import torch
@@ -210,3 +212,19 @@ def qwen3_dir(tiny_model_factory) -> str:
 @pytest.fixture(params=ARCHS)
 def any_model_dir(request, tiny_model_factory) -> str:
     return tiny_model_factory(request.param)
+
+
+# Quantized checkpoints written by the formats' own tools (tests/test_quantization.py says which and how).
+# All 45 variants: `python tests/quant_tools/make_checkpoints.py DIR` (in the venv its docstring names), then
+# NANOSERVE_QUANT_CHECKPOINTS=DIR python -m pytest tests/test_quantization.py
+QUANT_DATA = os.environ.get("NANOSERVE_QUANT_CHECKPOINTS") or os.path.join(os.path.dirname(__file__), "data", "quant")
+QUANT_PROMPTS = [[5, 9, 33, 71, 102, 7, 250], [300, 301, 302, 303], [42] * 9]
+
+
+def quant_checkpoint(name: str, dst) -> str:
+    """A copy of quantized checkpoint `name` at `dst`, with the tokenizer they share."""
+    tokenizer = os.path.join(os.path.dirname(__file__), "data", "quant", "tokenizer")
+    shutil.copytree(os.path.join(QUANT_DATA, name), dst)
+    for file in os.listdir(tokenizer):
+        shutil.copy(os.path.join(tokenizer, file), dst)
+    return str(dst)

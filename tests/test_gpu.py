@@ -22,8 +22,6 @@ time is torch.compile, so LLM instances are few and the bf16 engine with graphs 
 """
 import functools
 import gc
-import os
-import shutil
 import random
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -34,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
-from conftest import ARCHS, FAMILIES, build_tokenizer, hf_greedy, top2_gap
+from conftest import ARCHS, FAMILIES, QUANT_PROMPTS, build_tokenizer, hf_greedy, quant_checkpoint, top2_gap
 from nanoserve import LLM, SamplingParams
 from nanoserve.attention import AttentionMetadata, LayerSpec, ReferenceAttention
 from nanoserve.flashinfer_attention import FlashInferAttention  # imports flashinfer only when instantiated
@@ -540,17 +538,6 @@ def test_kv_cache_sized_by_profiling(flashinfer, bf16_model_dir):
 
 # ------------------------------------------------------------------------- 6. quantized kernels on the GPU
 
-QUANT_DATA = os.path.join(os.path.dirname(__file__), "data", "quant")  # see tests/test_quantization.py
-QUANT_PROMPTS = [[5, 9, 33, 71, 102, 7, 250], [300, 301, 302, 303], [42] * 9]
-
-
-def _quantized_checkpoint(name: str, path) -> str:
-    shutil.copytree(os.path.join(QUANT_DATA, name), path)
-    for file in os.listdir(os.path.join(QUANT_DATA, "tokenizer")):
-        shutil.copy(os.path.join(QUANT_DATA, "tokenizer", file), path)
-    return str(path)
-
-
 def _quantized_logprobs(llm, prompts: list[list[int]]) -> list[float]:
     """Teacher-forced prompt logprobs, one prompt at a time (dynamic per-tensor FP8 scales span a whole step)."""
     params = SamplingParams(max_tokens=1, prompt_logprobs=0)
@@ -578,7 +565,7 @@ def test_quantized_kernels_on_gpu_match_their_cpu_twins(name, kernel, compiled, 
         pytest.skip("FP8 matmuls need compute capability 8.9+")
     monkeypatch.setattr(quantization, "KERNEL_DEVICES", ("cuda", "cpu"))
     on_the_fly = name.startswith("on the fly")
-    path = llama_dir if on_the_fly else _quantized_checkpoint(name, tmp_path / "q")
+    path = llama_dir if on_the_fly else quant_checkpoint(name, tmp_path / "q")
     extra = dict(quantization=name.split()[-1]) if on_the_fly else {}
     gpu = LLM(path, device="cuda", dtype="float32", num_gpu_blocks_override=256, enforce_eager=not compiled,
               **extra)

@@ -3,7 +3,6 @@ alphas, rslora, target sets); every request of a mixed batch (base and three ada
 preemption, prefix-cache hits) must give the greedy tokens of transformers + PEFT running it alone (fp32)."""
 import functools
 import gc
-import os
 
 import pytest
 import torch
@@ -260,9 +259,9 @@ def test_adapters_on_a_quantized_model(tmp_path, monkeypatch):
     add to the kernel's output, as PEFT adds them to the dequantized weights' (vLLM serves LoRA on AWQ/GPTQ)."""
     from nanoserve import quantization
     from quant_tools.dequant import dequantize_checkpoint
-    from test_quantization import DATA, with_tokenizer
+    from conftest import quant_checkpoint
     monkeypatch.setattr(quantization, "KERNEL_DEVICES", ("cuda", "cpu"))
-    quantized = with_tokenizer(os.path.join(DATA, "qwen3-gptq-w4-g32-asym"), tmp_path / "q")
+    quantized = quant_checkpoint("qwen3-gptq-w4-g32-asym", tmp_path / "q")
     reference = dequantize_checkpoint(quantized, str(tmp_path / "ref"))
     lora = LoRARequest("all", 1, make_adapter(reference, tmp_path / "all", 7, *ADAPTERS["all"]))
     llm = LLM(quantized, enable_lora=True, max_loras=1, max_lora_rank=8, block_size=4)

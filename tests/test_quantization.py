@@ -12,7 +12,6 @@ rounding, against GPTQModel's own kernels: nanoserve must give transformers' gre
 reference."""
 import json
 import os
-import shutil
 
 import httpx
 import pytest
@@ -26,26 +25,15 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
-from conftest import _load, hf_greedy
+from conftest import QUANT_DATA, QUANT_PROMPTS, _load, hf_greedy, quant_checkpoint
 from nanoserve import LLM, SamplingParams, quantization
 from nanoserve.linear import Linear
 from nanoserve.quantization import Int4Kernel, Int8Kernel
 from quant_tools.dequant import dequantize_checkpoint
 from test_hardening import launch
 
-# All 45 variants: `python tests/quant_tools/make_checkpoints.py DIR` (in the venv its docstring names), then
-# NANOSERVE_QUANT_CHECKPOINTS=DIR python -m pytest tests/test_quantization.py
-DATA = os.environ.get("NANOSERVE_QUANT_CHECKPOINTS") or os.path.join(os.path.dirname(__file__), "data", "quant")
-TOKENIZER = os.path.join(os.path.dirname(__file__), "data", "quant", "tokenizer")
-CHECKPOINTS = sorted(d for d in os.listdir(DATA) if d != "tokenizer" and "-base" not in d)
-PROMPTS = [[5, 9, 33, 71, 102, 7, 250], [300, 301, 302, 303], [42] * 9]
-
-
-def with_tokenizer(src: str, dst) -> str:
-    shutil.copytree(src, dst)
-    for name in os.listdir(TOKENIZER):
-        shutil.copy(os.path.join(TOKENIZER, name), dst)
-    return str(dst)
+CHECKPOINTS = sorted(d for d in os.listdir(QUANT_DATA) if d != "tokenizer" and "-base" not in d)
+PROMPTS = QUANT_PROMPTS
 
 
 def logprob_errors(llm, reference, one_at_a_time: bool = False) -> tuple[list[list[int]], list[float]]:
@@ -73,7 +61,7 @@ def greedy(model, n: int = 10) -> list[list[int]]:
 
 @pytest.mark.parametrize("name", [n for n in CHECKPOINTS if "w8a8" not in n])  # W8A8: activations too, below
 def test_checkpoint_matches_its_dequantized_weights(name, tmp_path):
-    quantized = with_tokenizer(os.path.join(DATA, name), tmp_path / "q")
+    quantized = quant_checkpoint(name, tmp_path / "q")
     reference = dequantize_checkpoint(quantized, str(tmp_path / "ref"))
     tokens, errors = logprob_errors(LLM(quantized, block_size=4), _load(reference))
     assert tokens == hf_greedy(reference, PROMPTS, 10, ignore_eos=True) and max(errors) < 1e-4
@@ -88,7 +76,7 @@ def kernels_on_cpu(monkeypatch):
 
 @pytest.mark.parametrize("name", [n for n in CHECKPOINTS if "w4" in n])
 def test_int4_kernel_gives_the_dequantized_answer(name, tmp_path, kernels_on_cpu):
-    quantized = with_tokenizer(os.path.join(DATA, name), tmp_path / "q")
+    quantized = quant_checkpoint(name, tmp_path / "q")
     reference = dequantize_checkpoint(quantized, str(tmp_path / "ref"))
     llm = LLM(quantized, block_size=4)
     placed = llm.engine.runner.quant_method.placed  # MoE experts are dequantized into their stacked tensors
@@ -117,7 +105,7 @@ def test_quantized_layers_never_hold_full_precision_weights(tmp_path, kernels_on
     """A quantized checkpoint's model is built on the meta device: a layer on a kernel goes from the checkpoint's
     packed tensors to the kernel without its full-precision [out, in] weight ever being made (on a GPU, a 4-bit
     70B model never passes through bf16). Built the usual way, every such weight is made once, by nn.Linear."""
-    quantized = with_tokenizer(os.path.join(DATA, "qwen2-gptq-w4-g32-asym"), tmp_path / "q")
+    quantized = quant_checkpoint("qwen2-gptq-w4-g32-asym", tmp_path / "q")
     with FloatAllocations() as recorded:
         llm = LLM(quantized, block_size=4)
     model = llm.engine.runner.model
@@ -153,7 +141,7 @@ def test_w8a8_kernels_match_compressed_tensors(name, tmp_path, kernels_on_cpu):
     int8 is ill-conditioned: a relative nudge of 1e-6 to every layer input moves the reference's own logprobs by
     up to 0.17 nats here, so for int8 the bound is on the mean (measured 0.007; weights-only activations, i.e.
     the check failing, give 0.032)."""
-    quantized = with_tokenizer(os.path.join(DATA, name), tmp_path / "q")
+    quantized = quant_checkpoint(name, tmp_path / "q")
     dequantized = dequantize_checkpoint(quantized, str(tmp_path / "ref"))
     reference = with_activation_quantization(AutoModelForCausalLM.from_pretrained(dequantized).eval(), quantized)
     llm = LLM(quantized, block_size=4)
@@ -219,7 +207,7 @@ def test_int8_kernel_computes_the_rounded_weights():
 
 def corrupt(tmp_path, name: str, edit) -> str:
     """A copy of checkpoint `name` whose tensors `edit` changed."""
-    path = with_tokenizer(os.path.join(DATA, name), tmp_path / "bad")
+    path = quant_checkpoint(name, tmp_path / "bad")
     tensors = load_file(os.path.join(path, "model.safetensors"))
     edit(tensors)
     save_file(tensors, os.path.join(path, "model.safetensors"))
@@ -247,7 +235,7 @@ def test_bad_checkpoints_fail_at_start_up(tmp_path):
 
 
 def test_unsupported_schemes_are_named(tmp_path):
-    path = with_tokenizer(os.path.join(DATA, "llama-gptq-w8-g32-sym"), tmp_path / "c")
+    path = quant_checkpoint("llama-gptq-w8-g32-sym", tmp_path / "c")
     config = json.load(open(os.path.join(path, "config.json")))
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     json.dump(config, open(os.path.join(path, "config.json"), "w"))
@@ -258,11 +246,11 @@ def test_unsupported_schemes_are_named(tmp_path):
     with pytest.raises(ValueError, match="Unsupported AWQ checkpoint"):
         LLM(path)
     with pytest.raises(ValueError, match="already quantized"):
-        LLM(with_tokenizer(os.path.join(DATA, "llama-ct-w8a8-int"), tmp_path / "d"), quantization="int8")
+        LLM(quant_checkpoint("llama-ct-w8a8-int", tmp_path / "d"), quantization="int8")
     with pytest.raises(ValueError, match="Unknown quantization 'int3': int8 and fp8 quantize"):
-        LLM(with_tokenizer(os.path.join(DATA, "llama-ct-w8a8-int"), tmp_path / "f"), quantization="int3")
+        LLM(quant_checkpoint("llama-ct-w8a8-int", tmp_path / "f"), quantization="int3")
     with pytest.raises(ValueError, match="does not match"):
-        LLM(with_tokenizer(os.path.join(DATA, "llama-ct-w8a8-int"), tmp_path / "e"), quantization="gptq")
+        LLM(quant_checkpoint("llama-ct-w8a8-int", tmp_path / "e"), quantization="gptq")
 
 
 def edit_config(path: str, edit) -> str:
@@ -280,7 +268,7 @@ def test_checkpoint_edge_cases(tmp_path, kernels_on_cpu):
         config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                      "original_max_position_embeddings": 64}
-    scaled = edit_config(with_tokenizer(os.path.join(DATA, "llama-gptq-w4-g32-sym-descact"), tmp_path / "a"), llama3)
+    scaled = edit_config(quant_checkpoint("llama-gptq-w4-g32-sym-descact", tmp_path / "a"), llama3)
     reference = dequantize_checkpoint(scaled, str(tmp_path / "a-ref"))
     tokens, errors = logprob_errors(LLM(scaled, block_size=4), _load(reference))
     assert tokens == hf_greedy(reference, PROMPTS, 10, ignore_eos=True) and max(errors) < 1e-4
@@ -292,14 +280,14 @@ def test_checkpoint_edge_cases(tmp_path, kernels_on_cpu):
     mixed = corrupt(tmp_path / "b", "llama-ct-fp8-dynamic", unquantize)
     weight_only = edit_config(mixed, lambda c: list(c["quantization_config"]["config_groups"].values())[0].update(
         input_activations=None))
-    reference = dequantize_checkpoint(with_tokenizer(os.path.join(DATA, "llama-ct-fp8-dynamic"), tmp_path / "c"),
+    reference = dequantize_checkpoint(quant_checkpoint("llama-ct-fp8-dynamic", tmp_path / "c"),
                                       str(tmp_path / "c-ref"))
     llm = LLM(weight_only, block_size=4)
     assert set(llm.engine.runner.quant_method.placed.values()) == {"dequantized"}
     tokens, errors = logprob_errors(llm, _load(reference))
     assert tokens == hf_greedy(reference, PROMPTS, 10, ignore_eos=True) and max(errors) < 1e-4
 
-    asymmetric = edit_config(with_tokenizer(os.path.join(DATA, "llama-ct-w8a8-int"), tmp_path / "d"), lambda c: list(
+    asymmetric = edit_config(quant_checkpoint("llama-ct-w8a8-int", tmp_path / "d"), lambda c: list(
         c["quantization_config"]["config_groups"].values())[0]["input_activations"].update(symmetric=False))
     with pytest.raises(ValueError, match="activation scheme \\(asymmetric\\)"):
         LLM(asymmetric)
@@ -343,9 +331,9 @@ def test_fp8_on_the_fly_matches_compressed_tensors(llama_dir, kernels_on_cpu):
 def test_fp8_format_per_tensor(tmp_path):
     """quant_method "fp8" (float8_e4m3fn weights, one weight_scale per tensor): the same tensors as
     llm-compressor's per-tensor FP8 checkpoint under the other format's name, so the same oracle applies."""
-    source = with_tokenizer(os.path.join(DATA, "qwen3-ct-fp8-dynamic-tensor"), tmp_path / "ct")
+    source = quant_checkpoint("qwen3-ct-fp8-dynamic-tensor", tmp_path / "ct")
     reference = dequantize_checkpoint(source, str(tmp_path / "ref"))
-    path = with_tokenizer(os.path.join(DATA, "qwen3-ct-fp8-dynamic-tensor"), tmp_path / "fp8")
+    path = quant_checkpoint("qwen3-ct-fp8-dynamic-tensor", tmp_path / "fp8")
     config = json.load(open(os.path.join(path, "config.json")))
     config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
     json.dump(config, open(os.path.join(path, "config.json"), "w"))
